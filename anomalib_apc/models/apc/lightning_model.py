@@ -1,0 +1,284 @@
+"""AnomalousPatchCore: PatchCore whose feature extractor is first fine-tuned on normal and a few anomalous images.
+
+Training runs in two phases inside one ``Engine.fit`` / ``anomalib train``:
+
+1. ``finetune_epochs`` epochs of supervised fine-tuning: the encoder, a U-Net decoder and the enabled
+   auxiliary heads (classification, segmentation, reconstruction) are trained with AdamW on the
+   datamodule's training batches, which carry normal and anomalous images with their masks
+   (see ``anomalib_apc.data.SupervisedMVTecAD``).
+2. After the last epoch the decoder and heads are left aside; the fine-tuned encoder embeds the
+   NORMAL training images only (the datamodule's ``normal_train_dataloader`` when it has one), and a
+   k-center-greedy coreset of their locally aware patches becomes PatchCore's memory bank.
+
+Inference, scores and anomaly maps are PatchCore's, returned as anomalib's ``InferenceBatch`` so that
+anomalib's post-processor, evaluator and visualizer work unchanged.
+
+Example:
+    >>> from anomalib.engine import Engine
+    >>> from anomalib_apc.data import SupervisedMVTecAD
+    >>> from anomalib_apc.models import AnomalousPatchCore
+    >>> datamodule = SupervisedMVTecAD(root="./datasets/MVTecAD", category="pill", num_anomalies=10)
+    >>> model = AnomalousPatchCore(finetune_epochs=50)
+    >>> Engine().train(model=model, datamodule=datamodule)
+"""
+
+import logging
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from anomalib import LearningType
+from anomalib.data import Batch
+from anomalib.metrics import Evaluator
+from anomalib.models.components import AnomalibModule, MemoryBankMixin
+from anomalib.models.image.patchcore.lightning_model import Patchcore
+from anomalib.post_processing import PostProcessor
+from anomalib.pre_processing import PreProcessor
+from anomalib.visualization import Visualizer
+from lightning.pytorch.utilities.types import STEP_OUTPUT
+from torch import nn
+from tqdm import tqdm
+
+from .decoder import DecoderType
+from .loss import ApcLoss
+from .torch_model import TASKS, AnomalousPatchCoreModel
+
+logger = logging.getLogger(__name__)
+
+
+class AnomalousPatchCore(MemoryBankMixin, AnomalibModule):
+    """AnomalousPatchCore (APC) Lightning module.
+
+    Args:
+        backbone: timm CNN name; ResNet-50 as in the paper, any timm CNN with ``feature_info`` works.
+        layers: Encoder stages feeding the memory bank (``feature_info`` module names).
+        pre_trained: Initialise the encoder with timm's ImageNet weights (needs the hub or its cache).
+        init_weights: Local checkpoint to initialise the encoder from instead: torchvision or timm state
+            dict, or MoCo v3 checkpoint (the paper's initialisation).
+        init_weights_key_map: Regex -> replacement pairs applied to the checkpoint's key names first.
+        decoder: ``"unet2"`` (skips from the memory-bank stages, the paper's choice) or ``"unet4"``.
+        tasks: Auxiliary tasks, a subset of ``("classification", "segmentation", "reconstruction")``.
+            Empty (or ``finetune_epochs=0``) gives plain PatchCore on the initial weights.
+        loss_weights: Weights of the classification, segmentation and reconstruction losses, in that
+            order (a disabled task's weight is unused).
+        finetune_epochs: Epochs of fine-tuning before the memory bank is built.
+        learning_rate: AdamW learning rate of the fine-tuning.
+        weight_decay: AdamW weight decay of the fine-tuning.
+        coreset_sampling_ratio: Fraction of normal patches kept in the memory bank.
+        num_neighbors: Memory-bank neighbours used for PatchCore's score re-weighting.
+        coreset_seed: Seed of the coreset selection, so that the same features give the same memory
+            bank whatever happened to the global random state; ``None`` uses the global state.
+        pre_processor: Pre-processor instance or flag to use the default (resize to 256, ImageNet
+            normalisation).
+        post_processor: Post-processor instance or flag to use the default.
+        evaluator: Evaluator instance or flag to use the default.
+        visualizer: Visualizer instance or flag to use the default.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "resnet50",
+        layers: Sequence[str] = ("layer2", "layer3"),
+        pre_trained: bool = True,
+        init_weights: str | Path | None = None,
+        init_weights_key_map: dict[str, str] | None = None,
+        decoder: DecoderType = "unet2",
+        tasks: Sequence[str] = TASKS,
+        loss_weights: Sequence[float] = (10.0, 1.0, 1.0),
+        finetune_epochs: int = 50,
+        learning_rate: float = 1e-4,
+        weight_decay: float = 1e-2,
+        coreset_sampling_ratio: float = 0.1,
+        num_neighbors: int = 9,
+        coreset_seed: int | None = 0,
+        pre_processor: nn.Module | bool = True,
+        post_processor: nn.Module | bool = True,
+        evaluator: Evaluator | bool = True,
+        visualizer: Visualizer | bool = True,
+    ) -> None:
+        super().__init__(
+            pre_processor=pre_processor,
+            post_processor=post_processor,
+            evaluator=evaluator,
+            visualizer=visualizer,
+        )
+        if len(loss_weights) != len(TASKS) or any(weight < 0 for weight in loss_weights):
+            msg = f"loss_weights must be {len(TASKS)} non-negative numbers for {list(TASKS)}, got {list(loss_weights)}."
+            raise ValueError(msg)
+        if finetune_epochs < 0:
+            msg = f"finetune_epochs must be >= 0, got {finetune_epochs}."
+            raise ValueError(msg)
+        if not 0 < coreset_sampling_ratio <= 1:
+            msg = f"coreset_sampling_ratio must be in (0, 1], got {coreset_sampling_ratio}."
+            raise ValueError(msg)
+        self.model: AnomalousPatchCoreModel = AnomalousPatchCoreModel(
+            backbone=backbone,
+            layers=layers,
+            pre_trained=pre_trained,
+            init_weights=init_weights,
+            init_weights_key_map=init_weights_key_map,
+            decoder=decoder,
+            tasks=tasks,
+            num_neighbors=num_neighbors,
+        )
+        self.loss = ApcLoss(dict(zip(TASKS, loss_weights, strict=True)))
+        self.finetune_epochs = finetune_epochs
+        self.learning_rate = learning_rate
+        self.weight_decay = weight_decay
+        self.coreset_sampling_ratio = coreset_sampling_ratio
+        self.coreset_seed = coreset_seed
+        self._anomalous_samples_seen = 0
+
+    @property
+    def fine_tunes(self) -> bool:
+        """Whether phase 1 trains anything (some task enabled and at least one epoch)."""
+        return bool(self.model.tasks) and self.finetune_epochs > 0
+
+    @classmethod
+    def configure_pre_processor(
+        cls,
+        image_size: tuple[int, int] | None = None,
+        center_crop_size: tuple[int, int] | None = None,
+    ) -> PreProcessor:
+        """PatchCore's pre-processor: resize (256 by default), optional centre crop, ImageNet normalisation."""
+        return Patchcore.configure_pre_processor(image_size=image_size, center_crop_size=center_crop_size)
+
+    @staticmethod
+    def configure_post_processor() -> PostProcessor:
+        """anomalib's default post-processor (adaptive F1 threshold, min-max normalisation)."""
+        return PostProcessor()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer | None:
+        """AdamW over the encoder, decoder and heads; nothing to optimise without fine-tuning."""
+        if not self.fine_tunes:
+            return None
+        return torch.optim.AdamW(self.model.parameters(), lr=self.learning_rate, weight_decay=self.weight_decay)
+
+    def on_train_start(self) -> None:
+        """Refuse a one-class training set before spending an epoch on it."""
+        if not self.fine_tunes:
+            return
+        dataset = getattr(getattr(self.trainer, "datamodule", None), "train_data", None)
+        samples = getattr(dataset, "samples", None)
+        if samples is not None and "label_index" in samples and int((samples.label_index == 1).sum()) == 0:
+            raise ValueError(self._no_anomalies_message())
+
+    @staticmethod
+    def _no_anomalies_message() -> str:
+        return (
+            "AnomalousPatchCore fine-tunes on normal AND anomalous images, but the training set has no "
+            "anomalous sample. Use SupervisedMVTecAD / SupervisedFolder with num_anomalies > 0 "
+            "(`--data SupervisedMVTecAD --data.num_anomalies 10`), or set finetune_epochs=0 for plain PatchCore."
+        )
+
+    def on_train_epoch_start(self) -> None:
+        """Fine-tuning changes the encoder, so any memory bank built before is stale."""
+        self._is_fitted = torch.tensor([False], device=self.device)
+        self._anomalous_samples_seen = 0
+
+    def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT | None:
+        """One fine-tuning step on a batch of normal and anomalous images; logs every loss term."""
+        del args, kwargs
+        if not self.fine_tunes:
+            return None
+        labels = batch.gt_label
+        if labels is None:
+            msg = "AnomalousPatchCore needs image labels (gt_label) in training batches; use a supervised datamodule."
+            raise ValueError(msg)
+        anomalous = labels.bool()
+        self._anomalous_samples_seen += int(anomalous.sum())
+        if "segmentation" in self.model.tasks:
+            self._check_masks(batch, anomalous)
+        outputs = self.model.finetune_forward(batch.image)
+        losses = self.loss(outputs, images=batch.image, labels=labels, masks=batch.gt_mask)
+        batch_size = batch.image.shape[0]
+        for name, value in losses.items():
+            self.log(f"train_loss_{name}" if name != "total" else "train_loss", value, on_epoch=True, on_step=False,
+                     prog_bar=name == "total", logger=True, batch_size=batch_size)
+        return {"loss": losses["total"]}
+
+    @staticmethod
+    def _check_masks(batch: Batch, anomalous: torch.Tensor) -> None:
+        if batch.gt_mask is None and bool(anomalous.any()):
+            msg = (
+                "The segmentation task is on, but the training batch has anomalous images without masks "
+                f"({_paths(batch, anomalous)}). Provide defect masks (e.g. `mask_dir` for SupervisedFolder) or "
+                "drop 'segmentation' from `tasks`."
+            )
+            raise ValueError(msg)
+        if batch.gt_mask is not None and bool(anomalous.any()):
+            empty = anomalous & (batch.gt_mask.reshape(anomalous.shape[0], -1).amax(dim=1) == 0)
+            if bool(empty.any()):
+                logger.warning(
+                    "Anomalous training images with an empty defect mask (missing mask, or a defect too small "
+                    "for the model's image size): %s. The segmentation loss treats them as defect-free.",
+                    _paths(batch, empty),
+                )
+
+    def on_train_epoch_end(self) -> None:
+        """Check that anomalies were seen; after the last epoch build the memory bank (phase 2)."""
+        if self.fine_tunes and self._anomalous_samples_seen == 0:
+            raise ValueError(self._no_anomalies_message())
+        if self.current_epoch + 1 >= self.trainer.max_epochs:
+            super().on_train_epoch_end()
+
+    def fit(self) -> None:
+        """Phase 2: embed the normal training images with the fine-tuned encoder and subsample a coreset."""
+        was_training = self.model.training
+        self.model.eval()
+        transform = getattr(self.pre_processor, "transform", None)
+        embeddings = []
+        for images in tqdm(self._normal_training_images(), desc="Embedding normal training images", unit="batch"):
+            images = images.to(self.device)
+            embeddings.append(self.model.patch_embeddings(transform(images) if transform else images))
+        memory = torch.cat(embeddings) if embeddings else torch.empty(0, device=self.device)
+        logger.info("Selecting a %.1f %% coreset of %d normal patches.", 100 * self.coreset_sampling_ratio, len(memory))
+        self.model.build_memory_bank(memory, self.coreset_sampling_ratio, seed=self.coreset_seed)
+        self.model.train(was_training)
+
+    def _normal_training_images(self) -> Iterator[torch.Tensor]:
+        """Raw image batches of real normal training images only.
+
+        A supervised datamodule offers ``normal_train_dataloader`` (no CutPaste, no oversampling); for
+        any other, the training dataloader is read and every image not labelled normal is left out.
+        """
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if hasattr(datamodule, "normal_train_dataloader"):
+            dataloader = datamodule.normal_train_dataloader()
+        else:
+            logger.info("The datamodule has no normal_train_dataloader; keeping the label-0 images of training batches.")
+            dataloader = self.trainer.train_dataloader
+        for batch in dataloader:
+            normal = torch.ones(len(batch.image), dtype=torch.bool) if batch.gt_label is None else batch.gt_label.cpu() == 0
+            if bool(normal.any()):
+                yield batch.image[normal.to(batch.image.device)]
+
+    def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """PatchCore scores and anomaly maps for the batch."""
+        del args, kwargs
+        predictions = self.model(batch.image)
+        return batch.update(**predictions._asdict())
+
+    @property
+    def trainer_arguments(self) -> dict[str, Any]:
+        """``finetune_epochs`` epochs (one pass without fine-tuning), validated once, after the memory bank."""
+        epochs = max(self.finetune_epochs, 1) if self.fine_tunes else 1
+        return {
+            "max_epochs": epochs,
+            "check_val_every_n_epoch": epochs,
+            "num_sanity_val_steps": 0,
+            "gradient_clip_val": 0,
+            "devices": 1,
+        }
+
+    @property
+    def learning_type(self) -> LearningType:
+        """Anomalib's one-class evaluation protocol: thresholds and metrics come from the test split."""
+        return LearningType.ONE_CLASS
+
+
+def _paths(batch: Batch, selection: torch.Tensor) -> list[str]:
+    paths = batch.image_path or []
+    return [path for path, selected in zip(paths, selection.tolist(), strict=False) if selected]
+

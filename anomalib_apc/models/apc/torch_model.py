@@ -1,0 +1,142 @@
+"""PyTorch model of AnomalousPatchCore (no Lightning), usable alone for export and deployment.
+
+``AnomalousPatchCoreModel`` is anomalib's ``PatchcoreModel`` whose frozen feature extractor is
+replaced by a fine-tunable timm encoder, plus the fine-tuning network (U-Net decoder and auxiliary
+heads) that only exists to train that encoder. Patch embedding, nearest-neighbour scoring with
+re-weighting and the anomaly map are PatchCore's own, inherited unchanged.
+"""
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from anomalib.models.image.patchcore.torch_model import PatchcoreModel
+from torch import nn
+
+from anomalib_apc.sampling import FastKCenterGreedy
+
+from .decoder import DecoderType, UNetDecoder
+from .encoder import TimmEncoder
+from .heads import ClassificationHead, ReconstructionHead, SegmentationHead
+
+TASKS = ("classification", "segmentation", "reconstruction")
+
+
+class FineTuneOutput(NamedTuple):
+    """Outputs of the enabled heads; ``None`` for a disabled task."""
+
+    classification: torch.Tensor | None
+    segmentation: torch.Tensor | None
+    reconstruction: torch.Tensor | None
+
+
+def validate_tasks(tasks: Sequence[str]) -> tuple[str, ...]:
+    """Return ``tasks`` as a tuple, refusing names that are not APC tasks."""
+    unknown = [task for task in tasks if task not in TASKS]
+    if unknown:
+        msg = f"Unknown task(s) {unknown}; tasks must be a subset of {list(TASKS)}."
+        raise ValueError(msg)
+    return tuple(dict.fromkeys(tasks))
+
+
+class FineTuneNetwork(nn.Module):
+    """Decoder and the enabled heads; reads the encoder's stages, returns the head outputs.
+
+    Args:
+        encoder: The shared encoder (only its ``feature_info`` is read here).
+        decoder: ``"unet2"`` or ``"unet4"``.
+        tasks: Enabled auxiliary tasks, a subset of ``TASKS``.
+    """
+
+    def __init__(self, encoder: TimmEncoder, decoder: DecoderType, tasks: Sequence[str]) -> None:
+        super().__init__()
+        self.decoder = UNetDecoder(
+            stage_channels=encoder.stage_channels,
+            stage_reductions=encoder.stage_reductions,
+            memory_bank_indices=encoder.memory_bank_indices,
+            decoder=decoder,
+        )
+        head_builders = {
+            "classification": lambda: ClassificationHead(self.decoder.classification_channels),
+            "segmentation": lambda: SegmentationHead(self.decoder.pixel_channels),
+            "reconstruction": lambda: ReconstructionHead(self.decoder.pixel_channels),
+        }
+        self.heads = nn.ModuleDict({task: head_builders[task]() for task in validate_tasks(tasks)})
+
+    def forward(self, stages: Sequence[torch.Tensor]) -> FineTuneOutput:
+        """Run the decoder once and every enabled head on its outputs."""
+        decoded = self.decoder(stages)
+        inputs = {
+            "classification": decoded.classification_features,
+            "segmentation": decoded.pixel_features,
+            "reconstruction": decoded.pixel_features,
+        }
+        return FineTuneOutput(*(self.heads[task](inputs[task]) if task in self.heads else None for task in TASKS))
+
+
+class AnomalousPatchCoreModel(PatchcoreModel):
+    """PatchCore on a fine-tuned encoder.
+
+    Args:
+        backbone: timm CNN name (``resnet50`` in the paper).
+        layers: The two (or more) stages whose locally aware patches form the memory bank.
+        pre_trained: Initialise the encoder with timm's ImageNet weights.
+        init_weights: Local checkpoint (torchvision, timm or MoCo v3) to initialise the encoder from.
+        init_weights_key_map: Regex -> replacement pairs for checkpoints from other codebases.
+        decoder: ``"unet2"`` or ``"unet4"``.
+        tasks: Auxiliary tasks to fine-tune with; empty means plain PatchCore on the initial weights.
+        num_neighbors: Memory-bank neighbours used for PatchCore's score re-weighting.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "resnet50",
+        layers: Sequence[str] = ("layer2", "layer3"),
+        pre_trained: bool = True,
+        init_weights: str | Path | None = None,
+        init_weights_key_map: Mapping[str, str] | None = None,
+        decoder: DecoderType = "unet2",
+        tasks: Sequence[str] = TASKS,
+        num_neighbors: int = 9,
+    ) -> None:
+        encoder = TimmEncoder(backbone, layers, pre_trained, init_weights, init_weights_key_map)
+        # PatchcoreModel builds its own frozen timm extractor; it is replaced by the shared encoder,
+        # which then is the only feature extractor of the memory bank, inference and export.
+        super().__init__(layers=list(layers), backbone=backbone, pre_trained=False, num_neighbors=num_neighbors)
+        self.feature_extractor = encoder
+        self.tasks = validate_tasks(tasks)
+        self.finetune_network = FineTuneNetwork(encoder, decoder, self.tasks) if self.tasks else None
+
+    def finetune_forward(self, images: torch.Tensor) -> FineTuneOutput:
+        """Head outputs for a batch of pre-processed images, with gradients through the encoder."""
+        if self.finetune_network is None:
+            msg = "This model has no auxiliary task, so there is nothing to fine-tune (tasks=())."
+            raise RuntimeError(msg)
+        return self.finetune_network(self.feature_extractor.forward_all_stages(images))
+
+    def embedding_map(self, images: torch.Tensor) -> torch.Tensor:
+        """Locally aware patch features ``(B, D, h, w)``: 3x3-pooled memory-bank stages, upsampled and joined."""
+        features = self.feature_extractor(images)
+        pooled = {layer: self.feature_pooler(feature) for layer, feature in features.items()}
+        return self.generate_embedding(pooled)
+
+    @torch.no_grad()
+    def patch_embeddings(self, images: torch.Tensor) -> torch.Tensor:
+        """Patch features of a batch as rows ``(B * h * w, D)``, the memory bank's unit."""
+        return self.reshape_embedding(self.embedding_map(images))
+
+    def build_memory_bank(self, embeddings: torch.Tensor, sampling_ratio: float, seed: int | None = None) -> None:
+        """Fill the memory bank with a k-center-greedy coreset of ``embeddings`` (normal patches only).
+
+        Raises:
+            ValueError: ``embeddings`` is empty (no normal training image reached phase 2).
+        """
+        if embeddings.shape[0] == 0:
+            msg = (
+                "The memory bank would be empty: no normal training image was embedded. The training "
+                "set must contain normal images (label 0); check the datamodule's train split."
+            )
+            raise ValueError(msg)
+        sampler = FastKCenterGreedy(embedding=embeddings, sampling_ratio=sampling_ratio, seed=seed)
+        self.memory_bank = sampler.sample_coreset()
