@@ -1,0 +1,56 @@
+"""The ``anomalib-apc`` console script: ``benchmark``, ``export-bundle`` and ``predict``.
+
+Only parses arguments and hands them to the packages that do the work; errors that a user can fix
+(missing weights, bad files) are printed as one line instead of a traceback.
+"""
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from anomalib_apc import __version__
+
+USER_ERRORS = (FileNotFoundError, ValueError, RuntimeError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser with one sub-parser per command, each defined by the package that runs it."""
+    from anomalib_apc.benchmark.cli import add_arguments as add_benchmark_arguments
+    from anomalib_apc.benchmark.cli import run as run_benchmark
+    from anomalib_apc.deploy.cli import (
+        add_export_bundle_arguments,
+        add_predict_arguments,
+        run_export_bundle,
+        run_predict,
+    )
+
+    parser = argparse.ArgumentParser(prog="anomalib-apc", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, help_text, add_arguments, run in (
+        ("benchmark", "train Patchcore and APC on one split and compare them", add_benchmark_arguments, run_benchmark),
+        ("export-bundle", "export a trained APC checkpoint as a deployment bundle", add_export_bundle_arguments,
+         run_export_bundle),
+        ("predict", "score images with a deployment bundle", add_predict_arguments, run_predict),
+    ):
+        command = commands.add_parser(name, help=help_text, description=help_text)
+        add_arguments(command)
+        command.set_defaults(run=run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script; returns the process exit code."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.run(args) or 0)
+    except USER_ERRORS as error:
+        print(f"anomalib-apc {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
