@@ -1,0 +1,131 @@
+"""AnomalousPatchCore trained through anomalib's Engine on generated data: both phases, checkpoints, errors."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from anomalib.engine import Engine
+from lightning.pytorch.callbacks import Callback
+
+from anomalib_apc.data import SupervisedMVTecAD, make_demo_dataset
+from anomalib_apc.models import AnomalousPatchCore
+
+IMAGE_SIZE = 64
+NUM_TRAIN = 8
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("demo")
+    make_demo_dataset(root, seed=0, image_size=IMAGE_SIZE, num_train=NUM_TRAIN, num_test_normal=4, num_per_defect_type=3)
+    return root
+
+
+def _datamodule(root: Path, num_anomalies: int = 3) -> SupervisedMVTecAD:
+    return SupervisedMVTecAD(
+        root=root, category="demo", num_anomalies=num_anomalies, train_batch_size=4, eval_batch_size=8,
+        num_workers=0, seed=0,
+    )
+
+
+def _model(**kwargs: object) -> AnomalousPatchCore:
+    arguments = {
+        "backbone": "resnet18",
+        "pre_trained": False,
+        "finetune_epochs": 2,
+        "learning_rate": 1e-3,
+        "coreset_sampling_ratio": 1.0,
+        "pre_processor": AnomalousPatchCore.configure_pre_processor(image_size=(IMAGE_SIZE, IMAGE_SIZE)),
+        "visualizer": False,
+    }
+    return AnomalousPatchCore(**(arguments | kwargs))
+
+
+def _engine(root: Path, callbacks: list[Callback] | None = None) -> Engine:
+    return Engine(default_root_dir=root, logger=False, accelerator="cpu", enable_progress_bar=False,
+                  callbacks=callbacks or [])
+
+
+class EpochLosses(Callback):
+    """Collects the epoch-mean loss terms that the model logs."""
+
+    def __init__(self) -> None:
+        self.epochs: list[dict[str, float]] = []
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:  # noqa: ANN001 - Lightning's hook signature
+        del pl_module
+        self.epochs.append({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train_loss")})
+
+
+@pytest.fixture(scope="module")
+def trained(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[AnomalousPatchCore, Engine, EpochLosses]:
+    torch.manual_seed(0)
+    losses = EpochLosses()
+    engine = _engine(tmp_path_factory.mktemp("run"), [losses])
+    model = _model()
+    engine.fit(model=model, datamodule=_datamodule(demo_root))
+    return model, engine, losses
+
+
+def test_fine_tuning_logs_finite_per_task_losses(trained: tuple[AnomalousPatchCore, Engine, EpochLosses]) -> None:
+    _, _, losses = trained
+    assert len(losses.epochs) == 2
+    expected = {"train_loss", "train_loss_classification", "train_loss_segmentation", "train_loss_reconstruction"}
+    for epoch in losses.epochs:
+        assert expected <= set(epoch)
+        assert all(torch.isfinite(torch.tensor(value)) for value in epoch.values())
+
+
+def test_memory_bank_holds_the_patches_of_normal_training_images_only(
+    trained: tuple[AnomalousPatchCore, Engine, EpochLosses], demo_root: Path
+) -> None:
+    model, _, _ = trained
+    datamodule = _datamodule(demo_root)
+    datamodule.setup()
+    model.model.eval()
+    transform = model.pre_processor.transform
+    normal = torch.cat([model.model.patch_embeddings(transform(batch.image)) for batch in datamodule.normal_train_dataloader()])
+    assert normal.shape[0] == NUM_TRAIN * (IMAGE_SIZE // 8) ** 2
+    bank = model.model.memory_bank
+    assert bank.shape == normal.shape  # coreset_sampling_ratio=1.0 keeps every patch
+    distances = torch.cdist(bank, normal, compute_mode="donot_use_mm_for_euclid_dist")
+    assert distances.amin(dim=1).max() < 1e-4  # every bank row is a normal patch
+    assert distances.amin(dim=0).max() < 1e-4  # and every normal patch is in the bank
+
+
+def test_checkpoint_round_trip_gives_identical_scores(
+    trained: tuple[AnomalousPatchCore, Engine, EpochLosses], demo_root: Path, tmp_path: Path
+) -> None:
+    model, engine, _ = trained
+    checkpoint = tmp_path / "apc.ckpt"
+    engine.trainer.save_checkpoint(checkpoint)
+    restored = AnomalousPatchCore.load_from_checkpoint(checkpoint, visualizer=False)
+    datamodule = _datamodule(demo_root)
+    datamodule.setup()
+    batch = next(iter(datamodule.test_dataloader()))
+    images = model.pre_processor.transform(batch.image)
+    model.model.eval()
+    restored.model.eval()
+    with torch.no_grad():
+        original, reloaded = model.model(images), restored.model(images)
+    assert torch.equal(original.pred_score, reloaded.pred_score)
+    assert torch.equal(original.anomaly_map, reloaded.anomaly_map)
+    assert torch.equal(model.post_processor.image_threshold, restored.post_processor.image_threshold)
+
+
+def test_engine_test_reports_anomalib_metrics(trained: tuple[AnomalousPatchCore, Engine, EpochLosses], demo_root: Path) -> None:
+    model, engine, _ = trained
+    metrics = engine.test(model=model, datamodule=_datamodule(demo_root), verbose=False)[0]
+    assert {"image_AUROC", "image_F1Score", "pixel_AUROC", "pixel_F1Score"} <= set(metrics)
+    assert 0.0 <= metrics["image_AUROC"] <= 1.0
+
+
+def test_one_class_training_set_is_refused_with_the_fix(demo_root: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="num_anomalies > 0"):
+        _engine(tmp_path).fit(model=_model(), datamodule=_datamodule(demo_root, num_anomalies=0))
+
+
+def test_without_fine_tuning_it_is_plain_patchcore_on_normal_images(demo_root: Path, tmp_path: Path) -> None:
+    model = _model(finetune_epochs=0)
+    _engine(tmp_path).fit(model=model, datamodule=_datamodule(demo_root, num_anomalies=0))
+    assert model.model.memory_bank.shape[0] == NUM_TRAIN * (IMAGE_SIZE // 8) ** 2
