@@ -53,17 +53,22 @@ class ClassificationHead(nn.Module):
         return self.classifier(self.features(features)).squeeze(1)
 
 
+def upsample_smooth_conv(in_channels: int, out_channels: int) -> list[nn.Module]:
+    """The start both pixel heads share: transposed convolution (x2), Gaussian smoothing, 3x3 convolution."""
+    hidden = max(in_channels // 2, 16)
+    return [
+        nn.ConvTranspose2d(in_channels, hidden, kernel_size=2, stride=2),
+        gaussian_smoothing(),
+        nn.Conv2d(hidden, out_channels, kernel_size=3, padding=1),
+    ]
+
+
 class SegmentationHead(nn.Module):
     """Defect mask: transposed convolution, Gaussian smoothing, convolution (sigmoid in the loss)."""
 
     def __init__(self, in_channels: int) -> None:
         super().__init__()
-        hidden = max(in_channels // 2, 16)
-        self.layers = nn.Sequential(
-            nn.ConvTranspose2d(in_channels, hidden, kernel_size=2, stride=2),
-            gaussian_smoothing(),
-            nn.Conv2d(hidden, 1, kernel_size=3, padding=1),
-        )
+        self.layers = nn.Sequential(*upsample_smooth_conv(in_channels, 1))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """Mask logits, shape ``(B, 1, h, w)``."""
@@ -77,9 +82,7 @@ class ReconstructionHead(nn.Module):
         super().__init__()
         hidden = max(in_channels // 2, 16)
         self.layers = nn.Sequential(
-            nn.ConvTranspose2d(in_channels, hidden, kernel_size=2, stride=2),
-            gaussian_smoothing(),
-            nn.Conv2d(hidden, hidden, kernel_size=3, padding=1),
+            *upsample_smooth_conv(in_channels, hidden),
             nn.LeakyReLU(inplace=True),
             gaussian_smoothing(),
             nn.Conv2d(hidden, IMAGE_CHANNELS, kernel_size=3, padding=1),
