@@ -5,7 +5,7 @@ import torch
 
 from anomalib_apc.models import AnomalousPatchCore, AnomalousPatchCoreModel
 from anomalib_apc.models.apc.loss import ApcLoss
-from anomalib_apc.models.apc.torch_model import TASKS
+from anomalib_apc.models.apc.torch_model import TASKS, concatenate_releasing
 
 IMAGE_SIZE = 64
 
@@ -125,3 +125,11 @@ def test_no_fine_tuning_means_no_optimizer_and_one_epoch() -> None:
     tuned = AnomalousPatchCore(backbone="resnet18", pre_trained=False, finetune_epochs=7)
     assert tuned.trainer_arguments["max_epochs"] == 7
     assert tuned.trainer_arguments["check_val_every_n_epoch"] == 7
+
+
+def test_concatenate_releasing_matches_cat_and_empties_its_input() -> None:
+    chunks = [torch.randn(n, 5) for n in (3, 1, 4)]
+    expected = torch.cat(chunks)
+    assert torch.equal(concatenate_releasing(chunks), expected)
+    assert chunks == []
+    assert concatenate_releasing([]).numel() == 0

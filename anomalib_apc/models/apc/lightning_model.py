@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from .decoder import DecoderType
 from .loss import ApcLoss
-from .torch_model import TASKS, AnomalousPatchCoreModel
+from .torch_model import TASKS, AnomalousPatchCoreModel, concatenate_releasing
 
 logger = logging.getLogger(__name__)
 
@@ -232,7 +232,7 @@ class AnomalousPatchCore(MemoryBankMixin, AnomalibModule):
         for images in tqdm(self._normal_training_images(), desc="Embedding normal training images", unit="batch"):
             images = images.to(self.device)
             embeddings.append(self.model.patch_embeddings(transform(images) if transform else images))
-        memory = torch.cat(embeddings) if embeddings else torch.empty(0, device=self.device)
+        memory = concatenate_releasing(embeddings, device=self.device)
         logger.info("Selecting a %.1f %% coreset of %d normal patches.", 100 * self.coreset_sampling_ratio, len(memory))
         self.model.build_memory_bank(memory, self.coreset_sampling_ratio, seed=self.coreset_seed)
         self.model.train(was_training)

@@ -23,6 +23,25 @@ from .heads import ClassificationHead, ReconstructionHead, SegmentationHead
 TASKS = ("classification", "segmentation", "reconstruction")
 
 
+def concatenate_releasing(chunks: list[torch.Tensor], device: torch.device | str = "cpu") -> torch.Tensor:
+    """Concatenate row chunks, emptying ``chunks`` as it goes.
+
+    ``torch.cat`` holds every chunk and the result at once: twice the memory bank's patches, several
+    GB at real data sizes. Copying chunk by chunk into the result while dropping each chunk keeps
+    the peak at the result plus one chunk.
+    """
+    if not chunks:
+        return torch.empty(0, device=device)
+    result = chunks[0].new_empty((sum(len(chunk) for chunk in chunks), *chunks[0].shape[1:]))
+    offset = 0
+    chunks.reverse()
+    while chunks:
+        chunk = chunks.pop()
+        result[offset : offset + len(chunk)] = chunk
+        offset += len(chunk)
+    return result
+
+
 class FineTuneOutput(NamedTuple):
     """Outputs of the enabled heads; ``None`` for a disabled task."""
 
