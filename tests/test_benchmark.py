@@ -1,0 +1,220 @@
+"""`anomalib-apc benchmark`: one split for both models, the tables and figures, failures kept apart."""
+
+import argparse
+import csv
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from anomalib_apc.benchmark import cli
+from anomalib_apc.benchmark.report import paired_differences, summarise
+from anomalib_apc.benchmark.runner import (
+    APC,
+    PATCHCORE,
+    PATCHCORE_FAST_CORESET,
+    BenchmarkResult,
+    BenchmarkSettings,
+    CategoryData,
+    Initialisation,
+    ModelRun,
+    SplitRun,
+    build_models,
+    describe_split_mismatch,
+    resolve_categories,
+    resolve_initialisation,
+)
+from anomalib_apc.data import SPLIT_FILE_NAME, make_demo_dataset
+from anomalib_apc.models.apc.init_weights import PretrainedWeightsUnavailableError
+
+TINY = ["--image-size", "64", "--backbone", "resnet18", "--seeds", "0", "--no-pretrained"]
+
+
+def _run_cli(*arguments: str) -> int:
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    return cli.run(parser.parse_args(list(arguments)))
+
+
+@pytest.fixture(scope="module")
+def demo_benchmark(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One tiny benchmark with the fast-coreset row on a missing category, then the demo; returns its output.
+
+    The missing category comes first, so the run also shows that a failure neither stops the
+    benchmark nor leaks into the other category's results.
+    """
+    root = make_demo_dataset(tmp_path_factory.mktemp("data")).parent
+    output = tmp_path_factory.mktemp("benchmark")
+    exit_code = _run_cli(
+        *TINY,
+        "--finetune-epochs",
+        "1",
+        "--patchcore-fast-coreset",
+        "--dataset",
+        "mvtecad",
+        "--root",
+        str(root),
+        "--category",
+        "missing",
+        "--category",
+        "demo",
+        "--output",
+        str(output),
+    )
+    assert exit_code == 1
+    return output
+
+
+def test_writes_tables_with_every_quantity_and_a_mean_row(demo_benchmark: Path) -> None:
+    with (demo_benchmark / "results.csv").open() as file:
+        rows = list(csv.DictReader(file))
+    quantities = [
+        "image_AUROC",
+        "image_F1",
+        "pixel_AUROC",
+        "pixel_F1",
+        "AUPRO",
+        "finetune_s",
+        "memory_bank_s",
+        "inference_ms_per_image",
+        "memory_bank_rows",
+    ]
+    assert set(quantities) <= set(rows[0])
+    assert [(row["model"], row["category"]) for row in rows] == [
+        (PATCHCORE, "demo"),
+        (PATCHCORE_FAST_CORESET, "demo"),
+        (APC, "demo"),
+        (PATCHCORE, "mean"),
+        (PATCHCORE_FAST_CORESET, "mean"),
+        (APC, "mean"),
+    ]
+    for row in rows:
+        assert all(0.0 <= float(row[name]) <= 1.0 for name in quantities[:5])
+        assert float(row["inference_ms_per_image"]) > 0 and int(float(row["memory_bank_rows"])) > 0
+    report = json.loads((demo_benchmark / "results.json").read_text())
+    assert {row["category"] for row in report["summary"]} == {"demo", "mean"}
+    markdown = (demo_benchmark / "results.md").read_text()
+    assert "| APC | demo |" in markdown and "APC minus Patchcore" in markdown
+    assert "random (--no-pretrained)" in markdown
+
+
+def test_both_models_are_tested_on_the_split_without_the_training_anomalies(demo_benchmark: Path) -> None:
+    runs = [run for run in json.loads((demo_benchmark / "results.json").read_text())["runs"] if not run["error"]]
+    split_file = next((demo_benchmark / "runs").rglob(SPLIT_FILE_NAME))
+    split = json.loads(split_file.read_text())
+    assert len(split["train_anomalies"]) == 10
+    test_paths = set(split["test_image_paths"])
+    assert not test_paths & {anomaly["image_path"] for anomaly in split["train_anomalies"]}
+    assert {run["num_test_images"] for run in runs} == {len(test_paths)}
+    assert {run["num_test_anomalous"] for run in runs} == {24 - 10}
+
+
+def test_fast_coreset_row_reproduces_patchcore_and_apc_is_fine_tuned(demo_benchmark: Path) -> None:
+    runs = {
+        run["model"]: run
+        for run in json.loads((demo_benchmark / "results.json").read_text())["runs"]
+        if run["category"] == "demo"
+    }
+    assert runs[PATCHCORE_FAST_CORESET]["metrics"] == runs[PATCHCORE]["metrics"]
+    assert runs[PATCHCORE]["finetune_s"] is None and runs[APC]["finetune_s"] > 0.0
+    assert runs[APC]["memory_bank_rows"] == runs[PATCHCORE]["memory_bank_rows"]
+
+
+def test_writes_side_by_side_and_roc_figures(demo_benchmark: Path) -> None:
+    assert sorted(path.name for path in (demo_benchmark / "figures").iterdir()) == ["demo_heatmaps.png", "demo_roc.png"]
+
+
+def test_failed_category_is_reported_and_the_others_kept(demo_benchmark: Path) -> None:
+    report = json.loads((demo_benchmark / "results.json").read_text())
+    failed = {(run["model"], run["category"]) for run in report["runs"] if run["error"]}
+    assert failed == {(PATCHCORE, "missing"), (PATCHCORE_FAST_CORESET, "missing"), (APC, "missing")}
+    assert len(report["failures"]) == 3
+    assert "## Failed runs" in (demo_benchmark / "results.md").read_text()
+
+
+def test_demo_dataset_is_written_under_the_output_when_no_root_is_given(tmp_path: Path) -> None:
+    settings = BenchmarkSettings(output=tmp_path).resolved()
+    assert resolve_categories(settings) == [CategoryData(tmp_path / "demo_dataset", "demo")]
+    assert len(list((tmp_path / "demo_dataset" / "demo" / "train" / "good").iterdir())) > 0
+
+
+def test_summary_gives_mean_and_spread_over_seeds_and_pairs_apc_with_patchcore(tmp_path: Path) -> None:
+    settings = BenchmarkSettings(seeds=(0, 1), output=tmp_path).resolved()
+    metrics = {"image_AUROC": 0.9, "image_F1Max": 0.8, "pixel_AUROC": 0.7, "pixel_F1Max": 0.6, "pixel_AUPRO": 0.5}
+
+    def run(model: str, category: str, seed: int, image_auroc: float) -> ModelRun:
+        finetune_s = 10.0 if model == APC else math.nan
+        return ModelRun(model, category, seed, {**metrics, "image_AUROC": image_auroc}, finetune_s, 2.0, 5.0, 100, 8)
+
+    splits = [
+        SplitRun(category, seed, [run(PATCHCORE, category, seed, 0.8 + offset), run(APC, category, seed, 0.9 + offset)])
+        for category, offset in (("a", 0.0), ("b", 0.04))
+        for seed in (0, 1)
+    ]
+    splits[-1].runs[-1].metrics["image_AUROC"] = 0.96
+    result = BenchmarkResult(settings, Initialisation(False, None, "random"), "cpu", splits)
+    rows = {(row.model, row.category): row for row in summarise(result)}
+    assert rows[APC, "b"].mean["image_AUROC"] == pytest.approx(0.95)
+    assert rows[APC, "b"].std["image_AUROC"] == pytest.approx(0.01 * math.sqrt(2))
+    assert rows[APC, "mean"].mean["image_AUROC"] == pytest.approx((0.9 + 0.94 + 0.9 + 0.96) / 4)
+    assert math.isnan(rows[PATCHCORE, "mean"].mean["finetune_s"]) and rows[APC, "mean"].std["finetune_s"] == 0.0
+    differences = {row["category"]: row for row in paired_differences(result)}
+    assert differences["a"]["image_AUROC"] == pytest.approx(0.1) and differences["a"]["seeds"] == 2
+    assert set(differences) == {"a", "b", "mean"}
+
+
+def test_models_start_from_identical_weights() -> None:
+    settings = BenchmarkSettings(backbone="resnet18", image_size=64, finetune_epochs=1, pre_trained=False).resolved()
+    models = build_models(settings, resolve_initialisation(settings), seed=3)
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        apc_features = models[APC].model.feature_extractor.eval()(images)
+        patchcore_features = models[PATCHCORE].model.feature_extractor(images)
+    for layer in settings.layers:
+        torch.testing.assert_close(apc_features[layer], patchcore_features[layer])
+
+
+def test_unavailable_pretrained_weights_give_one_notice(monkeypatch: pytest.MonkeyPatch) -> None:
+    def offline(*args: object, **kwargs: object) -> None:
+        raise PretrainedWeightsUnavailableError("offline")
+
+    monkeypatch.setattr("anomalib_apc.benchmark.runner.create_encoder_backbone", offline)
+    initialisation = resolve_initialisation(BenchmarkSettings().resolved())
+    assert not initialisation.pre_trained and initialisation.init_weights is None
+    assert "same random initialisation" in initialisation.notice
+
+
+def test_differing_test_sets_are_refused() -> None:
+    patchcore = ModelRun(PATCHCORE, "demo", 0, test_image_paths=["a.png", "b.png"])
+    apc = ModelRun(APC, "demo", 0, test_image_paths=["a.png", "c.png"])
+    assert "only in APC: ['c.png']" in describe_split_mismatch([patchcore, apc], object(), object())
+
+
+def test_no_arguments_mean_the_quick_offline_demo() -> None:
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    settings = cli.settings_from_arguments(parser.parse_args([])).resolved()
+    assert (settings.dataset, settings.backbone, settings.image_size, settings.finetune_epochs) == (
+        "demo",
+        "resnet18",
+        128,
+        5,
+    )
+    with pytest.raises(ValueError, match="needs --root"):
+        BenchmarkSettings(dataset="mvtecad").resolved()
+
+
+def test_module_entry_point_shows_the_benchmark_options() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "anomalib_apc.benchmark", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "--patchcore-fast-coreset" in result.stdout and "--num-anomalies" in result.stdout

@@ -1,0 +1,93 @@
+"""configs/: generated from configs/generate.py, and every file parses with anomalib's own CLI parser."""
+
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import yaml
+from anomalib.cli import AnomalibCLI
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def _load_generator() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("configs_generate", CONFIGS / "generate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+generate = _load_generator()
+CATEGORY_CONFIGS = sorted(CONFIGS.glob("*/mvtecad/*.yaml"))
+ABLATIONS = sorted(CONFIGS.glob("ablations/*.yaml"))
+
+
+class _ParseOnlyCLI(AnomalibCLI):
+    """anomalib's CLI that parses and validates (class paths, argument names and types) but builds nothing."""
+
+    def before_instantiate_classes(self) -> None:
+        """Nothing to prepare: no class is instantiated."""
+
+    def instantiate_classes(self) -> None:
+        """Skip creating models (ResNet-50s) and datamodules; parsing already validated their arguments."""
+
+
+@pytest.fixture(scope="module")
+def parse():
+    """Parse ``anomalib train`` arguments with one parser for all configs (building it takes seconds)."""
+    parser = _ParseOnlyCLI(["train", "--config", str(CATEGORY_CONFIGS[0])], run=False).parser
+
+    def parse_train(*arguments: str):
+        return parser.parse_args(["train", *arguments]).train
+
+    return parse_train
+
+
+def test_generated_files_are_up_to_date() -> None:
+    expected = generate.render_all()
+    on_disk = {path.relative_to(CONFIGS) for path in CONFIGS.glob("*/**/*.yaml")}
+    assert on_disk == set(expected), "run `python configs/generate.py`"
+    for relative, content in expected.items():
+        assert (CONFIGS / relative).read_text() == content, f"{relative} is stale: run `python configs/generate.py`"
+
+
+def test_every_category_has_an_apc_config_and_its_patchcore_baseline() -> None:
+    for model in ("apc", "patchcore"):
+        names = {path.stem for path in CONFIGS.glob(f"{model}/mvtecad/*.yaml")}
+        assert names == set(generate.MVTEC_AD_CATEGORIES)
+
+
+@pytest.mark.parametrize("path", CATEGORY_CONFIGS, ids=lambda path: f"{path.parent.parent.name}/{path.stem}")
+def test_category_config_parses(parse, path: Path) -> None:
+    config = parse("--config", str(path))
+    assert config.model.class_path == "anomalib_apc.models.AnomalousPatchCore"
+    assert config.data.class_path == "anomalib_apc.data.SupervisedMVTecAD"
+    assert config.data.init_args.category == path.stem
+    assert config.data.init_args.num_anomalies == 10
+    tasks = config.model.init_args.tasks
+    assert tasks == (
+        [] if path.parent.parent.name == "patchcore" else ["classification", "segmentation", "reconstruction"]
+    )
+
+
+@pytest.mark.parametrize("path", ABLATIONS, ids=lambda path: path.stem)
+def test_ablation_overrides_a_category_config(parse, path: Path) -> None:
+    config = parse("--config", str(CONFIGS / "apc" / "mvtecad" / "pill.yaml"), "--config", str(path))
+    override = yaml.safe_load(path.read_text())
+    for section, values in override.items():
+        for name, value in values["init_args"].items():
+            assert config[section].init_args[name] == value
+    assert config.model.class_path == "anomalib_apc.models.AnomalousPatchCore"
+    assert config.data.init_args.category == "pill" and config.model.init_args.backbone == "resnet50"
+
+
+def test_short_class_names_work_in_configs(parse, tmp_path: Path) -> None:
+    content = yaml.safe_load((CONFIGS / "apc" / "mvtecad" / "screw.yaml").read_text())
+    content["model"]["class_path"] = "AnomalousPatchCore"
+    content["data"]["class_path"] = "SupervisedMVTecAD"
+    path = tmp_path / "short.yaml"
+    path.write_text(yaml.safe_dump(content))
+    config = parse("--config", str(path))
+    assert config.model.class_path == "anomalib_apc.models.AnomalousPatchCore"
+    assert config.data.class_path == "anomalib_apc.data.SupervisedMVTecAD"
