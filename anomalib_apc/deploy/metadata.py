@@ -1,0 +1,152 @@
+"""The bundle's ``metadata.json``: what the inferencer must know besides the graph and the indexes.
+
+It is the contract between ``export_bundle`` and ``ApcInferencer``: written once at export, checked
+field by field at load, so that a bundle of another format version, another architecture or with a
+missing file is refused with a message naming the problem instead of failing somewhere inside
+OpenVINO or faiss.
+"""
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+BUNDLE_FORMAT = "anomalib-apc-bundle"
+BUNDLE_FORMAT_VERSION = 1
+ARCHITECTURE = "AnomalousPatchCore"
+
+METADATA_FILE = "metadata.json"
+GRAPH_FILE = "embedding.xml"
+MEMORY_BANK_FILE = "memory_bank.faiss"
+BOUND_PROJECTION_FILE = "bound_projection.npz"
+APPROXIMATE_INDEX_FILE = "approximate_index.faiss"
+
+GRAPH_INPUT = "images"
+GRAPH_OUTPUT = "patch_embeddings"
+
+
+@dataclass(frozen=True)
+class BundleMetadata:
+    """Everything ``metadata.json`` records.
+
+    Attributes:
+        backbone: timm name of the encoder.
+        layers: Memory-bank layers, shallow to deep.
+        num_neighbors: Neighbours of PatchCore's score re-weighting.
+        image_size: ``(H, W)`` the graph takes (after the pre-processor).
+        embedding_dim: Features per patch, ``D``.
+        feature_map_size: ``(h, w)`` patches per image.
+        memory_bank_size: Rows of the memory bank.
+        precision: ``fp32``, ``fp16`` or ``int8`` weights of the graph.
+        pre_processor: anomalib ``PreProcessor.checkpoint_config()`` (the transform as plain data).
+        normalization: Mean and std of the pre-processor's ``Normalize`` (for readers; the transform
+            above is what is applied).
+        post_processor: ``{"class_path", "config", "state"}`` of the anomalib post-processor (its
+            thresholds and min/max statistics in ``state``), or ``None`` for raw scores.
+        anomaly_map_sigma: Gaussian sigma of PatchCore's anomaly-map smoothing.
+        exact_search: The lower bound that speeds up exact search (``{"file", "dim",
+            "explained_variance", "candidates", "settled_fraction", "estimated_cost_vs_brute_force",
+            "estimated_on"}``), or ``None`` where brute force was estimated cheaper.
+        approximate_search: ``{"file", "type", "factory", "search_parameters", "candidates",
+            "recall_at_1", "mean_relative_distance_error", "recall_queries", "recall_query_source"}``,
+            or ``None``.
+        versions: Versions of the packages that wrote the bundle.
+        source_checkpoint: The checkpoint it was exported from, if any.
+        verification: Parity with the PyTorch model measured at export, or ``None``.
+        format: Always ``BUNDLE_FORMAT``.
+        format_version: ``BUNDLE_FORMAT_VERSION`` of the writer.
+        architecture: Always ``ARCHITECTURE``.
+    """
+
+    backbone: str
+    layers: list[str]
+    num_neighbors: int
+    image_size: tuple[int, int]
+    embedding_dim: int
+    feature_map_size: tuple[int, int]
+    memory_bank_size: int
+    precision: str
+    pre_processor: dict[str, Any]
+    normalization: dict[str, list[float]] | None
+    post_processor: dict[str, Any] | None
+    anomaly_map_sigma: float
+    exact_search: dict[str, Any] | None
+    approximate_search: dict[str, Any] | None
+    versions: dict[str, str]
+    source_checkpoint: str | None
+    verification: dict[str, Any] | None
+    format: str = BUNDLE_FORMAT
+    format_version: int = BUNDLE_FORMAT_VERSION
+    architecture: str = ARCHITECTURE
+
+    def files(self) -> list[str]:
+        """The files of the bundle besides ``metadata.json``."""
+        files = [GRAPH_FILE, GRAPH_FILE.replace(".xml", ".bin"), MEMORY_BANK_FILE]
+        files += [search["file"] for search in (self.exact_search, self.approximate_search) if search]
+        return files
+
+    def write(self, directory: Path) -> Path:
+        """Write ``metadata.json`` into ``directory`` (NaN statistics as ``null``, valid JSON)."""
+        path = directory / METADATA_FILE
+        path.write_text(json.dumps(_nan_to_none(dataclasses.asdict(self)), indent=2) + "\n")
+        return path
+
+
+def read_metadata(bundle: str | Path) -> BundleMetadata:
+    """Read and check a bundle's metadata and the presence of its files.
+
+    Raises:
+        FileNotFoundError: ``bundle`` is not a folder, or ``metadata.json`` or a file it lists is missing.
+        ValueError: The metadata is not valid JSON, is of another format, format version or
+            architecture, or lacks fields.
+    """
+    directory = Path(bundle)
+    path = directory / METADATA_FILE
+    if not directory.is_dir():
+        msg = f"{directory}: no such bundle folder."
+        raise FileNotFoundError(msg)
+    if not path.is_file():
+        msg = f"{path} is missing: {directory} is not a bundle written by `anomalib-apc export-bundle`."
+        raise FileNotFoundError(msg)
+    try:
+        fields = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        msg = f"{path}: not valid JSON ({error})."
+        raise ValueError(msg) from error
+    if not isinstance(fields, dict) or fields.get("format") != BUNDLE_FORMAT:
+        msg = f"{path}: not an anomalib-apc bundle (format {fields.get('format') if isinstance(fields, dict) else None!r})."
+        raise ValueError(msg)
+    if fields.get("format_version") != BUNDLE_FORMAT_VERSION:
+        msg = (
+            f"{path}: bundle format version {fields.get('format_version')!r}, but this anomalib-apc reads version "
+            f"{BUNDLE_FORMAT_VERSION}; export the bundle again with this version (`anomalib-apc export-bundle`)."
+        )
+        raise ValueError(msg)
+    if fields.get("architecture") != ARCHITECTURE:
+        msg = f"{path}: a bundle of architecture {fields.get('architecture')!r}; ApcInferencer runs {ARCHITECTURE!r} only."
+        raise ValueError(msg)
+    expected = {field.name for field in dataclasses.fields(BundleMetadata)}
+    missing, unknown = sorted(expected - set(fields)), sorted(set(fields) - expected)
+    if missing or unknown:
+        msg = f"{path}: metadata fields missing {missing} / unknown {unknown} for format version {BUNDLE_FORMAT_VERSION}."
+        raise ValueError(msg)
+    for name in ("image_size", "feature_map_size"):
+        fields[name] = tuple(fields[name])
+    metadata = BundleMetadata(**fields)
+    absent = [name for name in metadata.files() if not (directory / name).is_file()]
+    if absent:
+        msg = f"{directory}: bundle file(s) missing: {', '.join(absent)}; export the bundle again."
+        raise FileNotFoundError(msg)
+    return metadata
+
+
+def _nan_to_none(value: Any) -> Any:  # noqa: ANN401 - any JSON-like value
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _nan_to_none(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_nan_to_none(item) for item in value]
+    return value

@@ -1,0 +1,394 @@
+"""Nearest-neighbour search over the PatchCore memory bank with faiss.
+
+The search is what makes PatchCore slow on a CPU: every patch of an image (1,024 at 256 px) is
+compared with every memory-bank row (16,384 x 1,536 in anomalib's default), 26 G multiply-adds per
+image where the CNN needs about 4 G. Three strategies share one contract (for each query row, the
+id of a memory-bank row and the exact squared distance to it):
+
+- ``BruteForceSearch``: faiss ``IndexFlatL2`` over every row, the reference.
+- ``BoundedExactSearch`` (the default): the same answers with a fraction of the work. CNN features
+  concentrate their variance in a few principal directions, so with ``a = x - mean`` and
+  ``b = m - mean`` split into their part on those directions (``P``) and the rest (``R``),
+
+      ||x - m||^2 = ||Pa - Pb||^2 + ||Ra - Rb||^2 >= ||Pa - Pb||^2 + (||Ra|| - ||Rb||)^2,
+
+  a lower bound that is an ordinary squared distance between ``(d + 1)``-dimensional vectors
+  ``[Pa, ||Ra||]``. A flat search in that small space gives each query the ``candidates`` rows with
+  the smallest bounds; their exact distances give the nearest of them. The query is settled when
+  the largest bound among the candidates exceeds that distance, as no other row can then be nearer;
+  the few unsettled queries get the brute-force search. Results equal brute force (up to float
+  rounding between rows at the same distance); only the time depends on the data.
+- ``ApproximateSearch``: an approximate faiss index (HNSW, IVF) proposes candidates, whose exact
+  distances are then taken, so a miss costs a slightly larger score, never a wrong distance.
+"""
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Protocol, get_args
+
+import faiss
+import numpy as np
+import torch
+from tqdm import tqdm
+
+logger = logging.getLogger(__name__)
+
+ApproximateIndexType = Literal["hnsw", "ivf"]
+APPROXIMATE_INDEX_TYPES: tuple[ApproximateIndexType, ...] = get_args(ApproximateIndexType)
+
+# Float32 rounding of a squared distance computed as |x|^2 + |m|^2 - 2 x.m is a few ulps of the
+# norms; a bound must beat the best exact distance by this fraction of them to settle a query.
+BOUND_ROUNDING_MARGIN = 1e-5
+
+
+class NearestNeighbourSearch(Protocol):
+    """For each query row: the id of its (approximately) nearest memory-bank row and the exact squared distance."""
+
+    def nearest(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+def flat_vectors(index: faiss.IndexFlat) -> np.ndarray:
+    """The rows stored in a flat index as a view, so the memory bank is not held twice.
+
+    The view does not keep ``index`` alive (whoever holds it must hold the index too), and writing
+    to it would change the index.
+    """
+    return faiss.rev_swig_ptr(index.get_xb(), index.ntotal * index.d).reshape(index.ntotal, index.d)
+
+
+def exact_squared_distances(queries: np.ndarray, vectors: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """``||queries[i] - vectors[ids[i, j]]||^2`` computed from the differences, not from dot products."""
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    distances = np.empty(ids.shape, dtype=np.float32)
+    faiss.fvec_L2sqr_by_idx(
+        faiss.swig_ptr(distances), faiss.swig_ptr(queries), faiss.swig_ptr(vectors), faiss.swig_ptr(ids),
+        queries.shape[1], ids.shape[0], ids.shape[1],
+    )
+    return distances
+
+
+def nearest_candidate(queries: np.ndarray, vectors: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Among each query's candidate ids (``-1`` = none), the nearest one and its exact squared distance."""
+    distances = exact_squared_distances(queries, vectors, np.maximum(ids, 0))
+    distances[ids < 0] = np.inf
+    best = distances.argmin(axis=1)
+    rows = np.arange(len(ids))
+    return distances[rows, best], ids[rows, best]
+
+
+class BruteForceSearch:
+    """Every query against every memory-bank row (faiss ``IndexFlatL2``)."""
+
+    def __init__(self, memory_bank: faiss.IndexFlatL2) -> None:
+        self.memory_bank = memory_bank
+        self.vectors = flat_vectors(memory_bank)
+
+    def nearest(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        _, ids = self.memory_bank.search(queries, 1)
+        # faiss ranks by |x|^2 + |m|^2 - 2 x.m; the reported distance is recomputed from the difference.
+        return nearest_candidate(queries, self.vectors, ids)
+
+
+class BoundProjection:
+    """Leading principal axes of the memory bank: the ``P`` of ``BoundedExactSearch``'s lower bound.
+
+    The projection runs as a faiss ``LinearTransform`` rather than a numpy product: numpy's own
+    OpenBLAS threads keep spinning after a call and starve faiss's OpenMP threads on a small CPU
+    (a search took 8 ms instead of 0.5 ms on two cores), so the whole search stays on faiss's
+    threads; this module calls no numpy BLAS routine.
+
+    Args:
+        mean: Mean memory-bank row, shape ``(D,)``.
+        axes: Orthonormal columns ``(D, d)``, the directions of largest variance first.
+        axis_variances: The memory bank's variance along each axis, ``(d,)``.
+        total_variance: Its variance over all ``D`` dimensions.
+    """
+
+    def __init__(self, mean: np.ndarray, axes: np.ndarray, axis_variances: np.ndarray, total_variance: float) -> None:
+        self.mean = np.ascontiguousarray(mean, dtype=np.float32)
+        self.axes = np.ascontiguousarray(axes, dtype=np.float32)
+        self.axis_variances = np.asarray(axis_variances, dtype=np.float64)
+        self.total_variance = total_variance
+        self._centred_projection = faiss.LinearTransform(self.axes.shape[0], self.axes.shape[1], True)
+        faiss.copy_array_to_vector(np.ascontiguousarray(self.axes.T).ravel(), self._centred_projection.A)
+        faiss.copy_array_to_vector(-np.einsum("i,ij->j", self.mean, self.axes), self._centred_projection.b)
+        self._centred_projection.is_trained = True
+
+    @classmethod
+    def fit(cls, memory_bank: np.ndarray, max_dim: int) -> "BoundProjection":
+        """The ``max_dim`` principal axes of the memory bank (fewer if it has fewer dimensions).
+
+        Computed with torch, not numpy: numpy's OpenBLAS threads and faiss's OpenMP threads spinning
+        side by side slowed a 256 x 384 product down to minutes on a busy two-core machine.
+        """
+        rows = torch.from_numpy(np.ascontiguousarray(memory_bank, dtype=np.float32))
+        mean = rows.double().mean(dim=0)
+        centred = rows - mean.float()
+        # Any orthonormal axes give a valid bound; float64 only makes them the best ones.
+        eigenvalues, eigenvectors = torch.linalg.eigh((centred.T @ centred).double())
+        eigenvalues, eigenvectors = eigenvalues.flip(0).clamp(min=0), eigenvectors.flip(1)
+        dim = min(max_dim, len(eigenvalues))
+        return cls(mean.float().numpy(), eigenvectors[:, :dim].float().numpy(), eigenvalues[:dim].numpy(),
+                   float(eigenvalues.sum()))
+
+    def leading(self, dim: int) -> "BoundProjection":
+        """The first ``dim`` axes only."""
+        return BoundProjection(self.mean, self.axes[:, :dim], self.axis_variances[:dim], self.total_variance)
+
+    @property
+    def explained_variance(self) -> float:
+        """Fraction of the memory bank's variance that the axes span."""
+        return float(self.axis_variances.sum() / self.total_variance) if self.total_variance > 0 else 1.0
+
+    @property
+    def dim(self) -> int:
+        return self.axes.shape[1]
+
+    def bound_vectors(self, vectors: np.ndarray) -> np.ndarray:
+        """``[P(v - mean), ||R(v - mean)||]`` per row, whose squared distances bound the true ones from below."""
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        head = self._centred_projection.apply(vectors)
+        centred = vectors - self.mean
+        tail_squared = np.einsum("ij,ij->i", centred, centred) - np.einsum("ij,ij->i", head, head)
+        bounds = np.empty((len(vectors), self.dim + 1), dtype=np.float32)
+        bounds[:, :-1] = head
+        bounds[:, -1] = np.sqrt(tail_squared.clip(min=0))
+        return bounds
+
+    def save(self, path: Path) -> None:
+        np.savez(path, mean=self.mean, axes=self.axes, axis_variances=self.axis_variances,
+                 total_variance=self.total_variance)
+
+    @classmethod
+    def load(cls, path: Path) -> "BoundProjection":
+        with np.load(path) as stored:
+            return cls(stored["mean"], stored["axes"], stored["axis_variances"], float(stored["total_variance"]))
+
+
+class BoundedExactSearch:
+    """Exact nearest neighbours, settled by a lower bound for most queries (see the module docstring).
+
+    Args:
+        memory_bank: The exact flat index, also used for the queries the bound cannot settle.
+        projection: The principal axes of the bound.
+        candidates: Rows with the smallest bounds whose exact distances are taken per query.
+    """
+
+    def __init__(self, memory_bank: faiss.IndexFlatL2, projection: BoundProjection, candidates: int = 16) -> None:
+        self.brute_force = BruteForceSearch(memory_bank)
+        self.vectors = self.brute_force.vectors
+        self.projection = projection
+        self.candidates = min(candidates, memory_bank.ntotal)
+        bank_bounds = projection.bound_vectors(self.vectors)
+        self.bound_index = faiss.IndexFlatL2(bank_bounds.shape[1])
+        self.bound_index.add(bank_bounds)
+        self.largest_bank_norm = float(np.square(bank_bounds).sum(axis=1).max())
+        self.settled_fraction = 1.0  # of the last call's queries, for benchmarks and logs
+
+    def nearest(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        query_bounds = self.projection.bound_vectors(queries)
+        bounds, ids = self.bound_index.search(query_bounds, self.candidates)
+        distances, nearest_ids = nearest_candidate(queries, self.vectors, ids)
+        margin = BOUND_ROUNDING_MARGIN * (np.square(query_bounds).sum(axis=1) + self.largest_bank_norm)
+        unsettled = bounds[:, -1] - margin < distances
+        if self.candidates < self.bound_index.ntotal and unsettled.any():
+            distances[unsettled], nearest_ids[unsettled] = self.brute_force.nearest(queries[unsettled])
+        self.settled_fraction = 1.0 - float(unsettled.mean()) if self.candidates < self.bound_index.ntotal else 1.0
+        return distances, nearest_ids
+
+
+# Dimensions tried for the bound, and what a flat search costs per (query, row) pair besides its dot
+# products (distance assembly, top-k selection), in feature dimensions: a bound search in d
+# dimensions costs about (d + 64) / (D + 64) of brute force (measured on two cores, D = 1536).
+BOUND_DIMS = (8, 16, 32, 64, 128, 256)
+FLAT_SEARCH_OVERHEAD_DIMS = 64
+
+
+@dataclass(frozen=True)
+class BoundChoice:
+    """The bound dimension that minimises the estimated cost of exact search on sample queries.
+
+    Attributes:
+        projection: The chosen axes, or ``None`` where brute force is estimated cheaper.
+        settled_fraction: Of the sample queries, those the chosen bound settles.
+        estimated_cost: Estimated time of exact search relative to brute force.
+        queries: Number of sample queries.
+        query_source: Where they came from.
+    """
+
+    projection: BoundProjection | None
+    settled_fraction: float
+    estimated_cost: float
+    queries: int
+    query_source: str
+
+
+def choose_bound(
+    memory_bank: faiss.IndexFlatL2,
+    queries: np.ndarray,
+    query_source: str,
+    candidates: int,
+    max_dim: int,
+    principal_axes: BoundProjection | None = None,
+) -> BoundChoice:
+    """Try each of ``BOUND_DIMS`` up to ``max_dim`` on ``queries`` and keep the cheapest, or none.
+
+    A smaller bound is cheaper to search but settles fewer queries, and each unsettled one costs a
+    brute-force search; the estimate is ``(d + overhead) / (D + overhead) + unsettled fraction``.
+
+    Args:
+        memory_bank: The exact index the queries are searched in.
+        queries: Sample query rows, not themselves in ``memory_bank``.
+        query_source: Where they came from, for the record.
+        candidates: Candidates per query of the bound search.
+        max_dim: Largest dimension tried.
+        principal_axes: The memory bank's axes, if already computed (``BoundProjection.fit``).
+    """
+    vectors = flat_vectors(memory_bank)
+    axes = principal_axes or BoundProjection.fit(vectors, max_dim)
+    dims = [dim for dim in BOUND_DIMS if dim <= min(max_dim, axes.dim)] or [axes.dim]
+    full_dim = memory_bank.d + FLAT_SEARCH_OVERHEAD_DIMS
+    best = BoundChoice(None, 0.0, 1.0, len(queries), query_source)
+    for dim in tqdm(dims, desc="Choosing the dimension of the exact-search bound", unit="dim"):
+        projection = axes.leading(dim)
+        search = BoundedExactSearch(memory_bank, projection, candidates)
+        search.nearest(queries)
+        cost = (dim + 1 + FLAT_SEARCH_OVERHEAD_DIMS) / full_dim + (1.0 - search.settled_fraction)
+        logger.info("Bound of %d dimensions: settles %.1f %% of the queries, estimated cost %.2f of brute force.",
+                    dim, 100 * search.settled_fraction, cost)
+        if cost < best.estimated_cost:
+            best = BoundChoice(projection, search.settled_fraction, cost, len(queries), query_source)
+    return best
+
+
+def held_out_split(vectors: np.ndarray, fraction: float = 0.1, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Memory-bank rows held out as sample queries, and the other rows, for searches without images.
+
+    A stand-in for test patches: how far they lie from their neighbours differs from test images
+    (a coreset spreads the memory bank out; anomalous patches lie further still), so patches of
+    real images, where given, make the better sample.
+    """
+    order = np.random.default_rng(seed).permutation(len(vectors))
+    held_out = max(1, int(len(vectors) * fraction))
+    return vectors[np.sort(order[:held_out])], np.ascontiguousarray(vectors[np.sort(order[held_out:])])
+
+
+class ApproximateSearch:
+    """Candidates from an approximate faiss index, ranked by their exact distances.
+
+    Args:
+        index: The approximate index (HNSW, IVF) over the memory bank, with its search parameters set.
+        vectors: The memory-bank rows, for the exact distances.
+        candidates: Candidates asked from the index per query.
+    """
+
+    def __init__(self, index: faiss.Index, vectors: np.ndarray, candidates: int) -> None:
+        self.index = index
+        self.vectors = vectors
+        self.candidates = min(candidates, index.ntotal)
+
+    def nearest(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        _, ids = self.index.search(queries, self.candidates)
+        return nearest_candidate(queries, self.vectors, ids)
+
+
+@dataclass(frozen=True)
+class ApproximateIndexRecipe:
+    """How an approximate index was built and is searched, as recorded in a bundle's metadata."""
+
+    type: ApproximateIndexType
+    factory: str
+    search_parameters: str
+    candidates: int
+
+
+def approximate_index_recipe(index_type: ApproximateIndexType, size: int) -> ApproximateIndexRecipe:
+    """Sensible faiss settings for a memory bank of ``size`` rows.
+
+    HNSW: 32 links per node, search beam efSearch 64. IVF: about ``sqrt(size)`` inverted lists (at
+    least 39 training rows each, as faiss asks) holding the exact rows, an eighth of them probed.
+    Both return 8 candidates per query for exact re-ranking, which lifts recall above that of the
+    index alone. (IVF-PQ is left out on purpose: the bundle keeps the exact rows anyway for the
+    re-weighting, so compression saves nothing, and on a 16,384 x 1,536 bank it took minutes to
+    train on two cores while searching no faster than ``BoundedExactSearch``.)
+    """
+    if index_type == "hnsw":
+        return ApproximateIndexRecipe(index_type, "HNSW32,Flat", "efSearch=64", candidates=8)
+    if index_type == "ivf":
+        lists = max(1, min(round(math.sqrt(size)), size // 39))
+        return ApproximateIndexRecipe(index_type, f"IVF{lists},Flat", f"nprobe={max(1, lists // 8)}", candidates=8)
+    msg = f"Unknown approximate index type {index_type!r}; choose from {list(APPROXIMATE_INDEX_TYPES)}."
+    raise ValueError(msg)
+
+
+def build_approximate_index(vectors: np.ndarray, recipe: ApproximateIndexRecipe) -> faiss.Index:
+    """Train and fill the index ``recipe`` describes, with its search parameters applied."""
+    index = faiss.index_factory(vectors.shape[1], recipe.factory, faiss.METRIC_L2)
+    index.train(vectors)
+    index.add(vectors)
+    apply_search_parameters(index, recipe.search_parameters)
+    return index
+
+
+def apply_search_parameters(index: faiss.Index, parameters: str) -> None:
+    """Set search-time parameters (``"nprobe=16"``, ``"efSearch=128"``) that an index file may not keep."""
+    faiss.ParameterSpace().set_index_parameters(index, parameters)
+
+
+@dataclass(frozen=True)
+class RecallReport:
+    """How an approximate search compares with exact search on the same queries.
+
+    Attributes:
+        recall_at_1: Fraction of queries for which it finds the exact nearest row.
+        mean_relative_distance_error: ``mean found distance / mean exact distance - 1`` (0 when
+            exact), what misses cost the patch scores on average.
+        queries: Number of query rows.
+        query_source: Where the queries came from.
+    """
+
+    recall_at_1: float
+    mean_relative_distance_error: float
+    queries: int
+    query_source: str
+
+
+def measure_recall(
+    approximate: NearestNeighbourSearch,
+    exact: NearestNeighbourSearch,
+    queries: np.ndarray,
+    query_source: str,
+    chunk_size: int = 1024,
+) -> RecallReport:
+    """Recall at 1 of ``approximate`` against ``exact`` on ``queries``, with a progress bar."""
+    hits = 0
+    found_total = exact_total = 0.0
+    for start in tqdm(range(0, len(queries), chunk_size), desc="Measuring recall against exact search", unit="chunk"):
+        chunk = np.ascontiguousarray(queries[start:start + chunk_size], dtype=np.float32)
+        exact_distances, exact_ids = exact.nearest(chunk)
+        approximate_distances, approximate_ids = approximate.nearest(chunk)
+        hits += int((approximate_ids == exact_ids).sum())
+        found_total += float(np.sqrt(approximate_distances).sum())
+        exact_total += float(np.sqrt(exact_distances).sum())
+    relative_error = found_total / exact_total - 1.0 if exact_total > 0 else 0.0
+    return RecallReport(hits / max(len(queries), 1), relative_error, len(queries), query_source)
+
+
+def held_out_recall(vectors: np.ndarray, recipe: ApproximateIndexRecipe) -> RecallReport:
+    """Recall of ``recipe`` when no image patches are at hand: memory-bank rows held out as queries.
+
+    The index under test is built, as the recipe says, on the other rows only, so that no query finds
+    itself (see ``held_out_split``).
+    """
+    queries, rest = held_out_split(vectors)
+    exact_index = faiss.IndexFlatL2(vectors.shape[1])
+    exact_index.add(rest)
+    approximate = ApproximateSearch(build_approximate_index(rest, recipe), flat_vectors(exact_index), recipe.candidates)
+    source = f"{len(queries)} memory-bank rows held out of an index built on the other {len(rest)}"
+    return measure_recall(approximate, BruteForceSearch(exact_index), queries, source)
