@@ -149,10 +149,8 @@ def settings_from_arguments(args: argparse.Namespace) -> "BenchmarkSettings":
     )
 
 
-def _quiet_library_chatter() -> None:
-    """Hide Lightning's and anomalib's start-up lines and warnings a benchmark user cannot act on."""
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning_fabric", "anomalib"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+def _hide_library_warnings() -> None:
+    """Hide warnings a benchmark user cannot act on; before the imports, as timm and anomalib warn on import."""
     for message in (
         ".*but have no logger configured",  # the benchmark keeps no training curves
         ".*no `val_dataloader`. Skipping val loop",  # on purpose: the test is the only evaluation
@@ -164,12 +162,22 @@ def _quiet_library_chatter() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(timm|anomalib)\.")  # their own deprecations
 
 
+def _lower_library_loggers() -> None:
+    """Hide Lightning's and anomalib's start-up lines; after the imports, as Lightning sets INFO when imported."""
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning_fabric", "anomalib"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark, writing the results after every category and seed; 1 if any run failed."""
-    if not getattr(args, "verbose", False):
-        _quiet_library_chatter()
+    quiet = not getattr(args, "verbose", False)
+    if quiet:
+        _hide_library_warnings()
     from anomalib_apc.benchmark.report import write_report
     from anomalib_apc.benchmark.runner import run_benchmark
+
+    if quiet:
+        _lower_library_loggers()
 
     result = run_benchmark(settings_from_arguments(args), on_split_done=write_report)
     paths = write_report(result)
