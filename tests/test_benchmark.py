@@ -27,6 +27,7 @@ from anomalib_apc.benchmark.runner import (
     describe_split_mismatch,
     resolve_categories,
     resolve_initialisation,
+    warm_up,
 )
 from anomalib_apc.data import SPLIT_FILE_NAME, make_demo_dataset
 from anomalib_apc.models.apc.init_weights import PretrainedWeightsUnavailableError
@@ -176,6 +177,17 @@ def test_models_start_from_identical_weights() -> None:
         patchcore_features = models[PATCHCORE].model.feature_extractor(images)
     for layer in settings.layers:
         torch.testing.assert_close(apc_features[layer], patchcore_features[layer])
+
+
+def test_warm_up_leaves_the_encoder_as_it_was() -> None:
+    settings = BenchmarkSettings(backbone="resnet18", image_size=32, eval_batch_size=2, pre_trained=False).resolved()
+    apc = build_models(settings, resolve_initialisation(settings), seed=0)[APC]
+    state = {name: tensor.clone() for name, tensor in apc.state_dict().items()}
+    modes = [module.training for module in apc.modules()]
+    warm_up(apc, settings)
+    assert [module.training for module in apc.modules()] == modes
+    for name, tensor in apc.state_dict().items():
+        torch.testing.assert_close(tensor, state[name])
 
 
 def test_unavailable_pretrained_weights_give_one_notice(monkeypatch: pytest.MonkeyPatch) -> None:

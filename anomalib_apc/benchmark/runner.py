@@ -564,10 +564,17 @@ def warm_up(model: AnomalousPatchCore, settings: BenchmarkSettings) -> None:
     The first forward pass of a batch shape pays one-off costs (oneDNN kernel selection, memory
     pools), which would otherwise fall on whichever model runs first (Patchcore). Patchcore's
     extractor is the same network as APC's encoder, so warming one warms the shapes for both.
+
+    The modes of the encoder's modules are restored afterwards: Lightning keeps the modes it finds, so
+    an encoder left in eval mode would fine-tune with frozen batch-norm statistics.
     """
+    encoder = model.model.feature_extractor
+    modes = {module: module.training for module in encoder.modules()}
     images = torch.zeros(settings.eval_batch_size, 3, settings.image_size, settings.image_size)
     with torch.inference_mode():
-        model.model.feature_extractor.eval()(images)
+        encoder.eval()(images)
+    for module, training in modes.items():
+        module.training = training
 
 
 def _fit_and_test(
