@@ -108,7 +108,7 @@ def test_bundle_holds_graph_indexes_and_metadata(bundle: Path, trained) -> None:
     state = metadata.post_processor["state"]
     assert state["_image_threshold"] == pytest.approx(float(model.post_processor.image_threshold))
     assert state["image_max"] == pytest.approx(float(model.post_processor.image_max))
-    assert metadata.exact_search["dim"] <= metadata.embedding_dim // 6
+    assert metadata.exact_search["levels"][-1] <= metadata.embedding_dim // 6
     assert metadata.exact_search["estimated_cost_vs_brute_force"] < 1
     assert metadata.approximate_search is None
     assert metadata.verification["labels_equal"] is True
@@ -170,17 +170,18 @@ def test_bounded_exact_search_equals_brute_force_on_bundle_patches(bundle: Path,
     assert (ids == exact_ids).mean() > 0.99  # rows at the same distance may swap under float rounding
 
 
-def test_bounded_search_falls_back_to_brute_force_where_the_bound_is_loose() -> None:
+def test_bounded_search_falls_back_to_tighter_bounds_and_brute_force() -> None:
     rng = np.random.default_rng(0)
-    # Low-rank rows plus noise: a 4-axis bound settles some queries, not all.
+    # Low-rank rows plus noise: a 2-axis bound settles some queries, a 4-axis one more, not all.
     basis = rng.standard_normal((4, 32)).astype(np.float32)
     bank = (rng.standard_normal((500, 4)) @ basis + 0.5 * rng.standard_normal((500, 32))).astype(np.float32)
     queries = (rng.standard_normal((300, 4)) @ basis + 0.5 * rng.standard_normal((300, 32))).astype(np.float32)
     index = faiss.IndexFlatL2(32)
     index.add(bank)
-    search = BoundedExactSearch(index, BoundProjection.fit(bank, max_dim=4), candidates=4)
+    search = BoundedExactSearch(index, BoundProjection.fit(bank, max_dim=4), levels=(2, 4), candidates=4)
     distances, ids = search.nearest(queries)
-    assert 0 < search.settled_fraction < 1
+    assert all(fraction > 0 for fraction in search.settled_fractions)
+    assert search.settled_fraction < 1
     exact = ((queries[:, None, :] - bank[None]) ** 2).sum(-1)
     np.testing.assert_array_equal(ids, exact.argmin(1))
     np.testing.assert_allclose(distances, exact.min(1), rtol=1e-5)
@@ -189,8 +190,13 @@ def test_bounded_search_falls_back_to_brute_force_where_the_bound_is_loose() -> 
 
 def test_approximate_index_records_its_recall(trained, tmp_path: Path, tiny_dataset, test_images) -> None:
     model, _ = trained
-    path = export_bundle(model, tmp_path / "hnsw", index="hnsw", calibration_images=tiny_dataset.category_dir / "train")
-    search = read_metadata(path).approximate_search
+    datamodule = SupervisedMVTecAD(root=tiny_dataset.root, category=tiny_dataset.category, num_anomalies=3,
+                                   eval_batch_size=8, num_workers=0, seed=0)
+    path = export_bundle(model, tmp_path / "hnsw", index="hnsw", datamodule=datamodule)
+    metadata = read_metadata(path)
+    assert metadata.verification["source"] == "calibration images"
+    assert metadata.exact_search["estimated_on"] == "calibration image patches"
+    search = metadata.approximate_search
     assert search["type"] == "hnsw"
     assert 0.5 <= search["recall_at_1"] <= 1
     assert search["mean_relative_distance_error"] >= -1e-4

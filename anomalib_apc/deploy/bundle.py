@@ -75,8 +75,8 @@ INDEX_TYPES: tuple[IndexType, ...] = get_args(IndexType)
 
 logger = logging.getLogger(__name__)
 
-# Exact search's lower bound uses at most a sixth of the feature dimensions (beyond that it saves
-# too little work) and takes the exact distances of 64 candidates per patch, a negligible cost
+# Exact search's lower bounds use at most a sixth of the feature dimensions (beyond that they save
+# too little work) and take the exact distances of 64 candidates per patch, a negligible cost
 # (64 of 16,384 rows) that settles far more patches than 16 at a small dimension.
 BOUND_MAX_DIM_FRACTION = 6
 BOUND_CANDIDATES = 64
@@ -345,12 +345,12 @@ def _export_bound(exact_index: faiss.IndexFlatL2, query_patches: np.ndarray | No
                        choice.query_source)
         return None
     choice.projection.save(directory / BOUND_PROJECTION_FILE)
-    logger.info("Exact search: a %d-dimensional bound settles %.1f %% of %s, estimated %.2f of brute force's time.",
-                choice.projection.dim, 100 * choice.settled_fraction, choice.query_source, choice.estimated_cost)
+    logger.info("Exact search: bounds of %s dimensions settle %.1f %% of %s, estimated %.2f of brute force's time.",
+                choice.levels, 100 * choice.settled_fraction, choice.query_source, choice.estimated_cost)
     return {
         "file": BOUND_PROJECTION_FILE,
-        "dim": choice.projection.dim,
-        "explained_variance": choice.projection.explained_variance,
+        "levels": list(choice.levels),
+        "explained_variance": [choice.projection.leading(dim).explained_variance for dim in choice.levels],
         "candidates": BOUND_CANDIDATES,
         "settled_fraction": choice.settled_fraction,
         "estimated_cost_vs_brute_force": choice.estimated_cost,

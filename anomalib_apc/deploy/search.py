@@ -16,7 +16,7 @@ id of a memory-bank row and the exact squared distance to it):
   ``[Pa, ||Ra||]``. A flat search in that small space gives each query the ``candidates`` rows with
   the smallest bounds; their exact distances give the nearest of them. The query is settled when
   the largest bound among the candidates exceeds that distance, as no other row can then be nearer;
-  the few unsettled queries get the brute-force search. Results equal brute force (up to float
+  unsettled queries get a tighter bound with more axes, and the few left the brute-force search. Results equal brute force (up to float
   rounding between rows at the same distance); only the time depends on the data.
 - ``ApproximateSearch``: an approximate faiss index (HNSW, IVF) proposes candidates, whose exact
   distances are then taken, so a miss costs a slightly larger score, never a wrong distance.
@@ -24,6 +24,7 @@ id of a memory-bank row and the exact squared distance to it):
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol, get_args
@@ -170,36 +171,76 @@ class BoundProjection:
 
 
 class BoundedExactSearch:
-    """Exact nearest neighbours, settled by a lower bound for most queries (see the module docstring).
+    """Exact nearest neighbours, settled by lower bounds for most queries (see the module docstring).
+
+    The bounds form a cascade: queries that a small bound leaves unsettled (typically patches far
+    from every row, as anomalous ones are) get a larger, tighter one, and only what no level settles
+    goes to brute force. A cheap first level then costs little where it fails.
 
     Args:
-        memory_bank: The exact flat index, also used for the queries the bound cannot settle.
-        projection: The principal axes of the bound.
+        memory_bank: The exact flat index, also used for the queries no bound settles.
+        projection: The principal axes; each level uses its leading ``levels[i]`` of them.
+        levels: Dimensions of the successive bounds, increasing.
         candidates: Rows with the smallest bounds whose exact distances are taken per query.
     """
 
-    def __init__(self, memory_bank: faiss.IndexFlatL2, projection: BoundProjection, candidates: int = 16) -> None:
+    def __init__(
+        self,
+        memory_bank: faiss.IndexFlatL2,
+        projection: BoundProjection,
+        levels: Sequence[int],
+        candidates: int,
+    ) -> None:
+        if not levels or list(levels) != sorted(set(levels)) or levels[-1] > projection.dim:
+            msg = f"Bound levels must increase and not exceed the {projection.dim} axes, got {list(levels)}."
+            raise ValueError(msg)
         self.brute_force = BruteForceSearch(memory_bank)
         self.vectors = self.brute_force.vectors
-        self.projection = projection
         self.candidates = min(candidates, memory_bank.ntotal)
-        bank_bounds = projection.bound_vectors(self.vectors)
-        self.bound_index = faiss.IndexFlatL2(bank_bounds.shape[1])
-        self.bound_index.add(bank_bounds)
-        self.largest_bank_norm = float(np.square(bank_bounds).sum(axis=1).max())
-        self.settled_fraction = 1.0  # of the last call's queries, for benchmarks and logs
+        self.levels = [_BoundLevel(projection.leading(dim), self.vectors) for dim in levels]
+        self.settled_fractions = [1.0] * len(levels)  # per level, of the last call's queries, for logs and benchmarks
+
+    @property
+    def settled_fraction(self) -> float:
+        """Fraction of the last call's queries that some bound settled (the rest went to brute force)."""
+        return sum(self.settled_fractions)
 
     def nearest(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        query_bounds = self.projection.bound_vectors(queries)
-        bounds, ids = self.bound_index.search(query_bounds, self.candidates)
-        distances, nearest_ids = nearest_candidate(queries, self.vectors, ids)
-        margin = BOUND_ROUNDING_MARGIN * (np.square(query_bounds).sum(axis=1) + self.largest_bank_norm)
-        unsettled = bounds[:, -1] - margin < distances
-        if self.candidates < self.bound_index.ntotal and unsettled.any():
-            distances[unsettled], nearest_ids[unsettled] = self.brute_force.nearest(queries[unsettled])
-        self.settled_fraction = 1.0 - float(unsettled.mean()) if self.candidates < self.bound_index.ntotal else 1.0
+        distances = np.empty(len(queries), dtype=np.float32)
+        nearest_ids = np.empty(len(queries), dtype=np.int64)
+        pending = np.arange(len(queries))
+        for number, level in enumerate(self.levels):
+            settled, level_distances, level_ids = level.settle(queries[pending], self.vectors, self.candidates)
+            distances[pending[settled]], nearest_ids[pending[settled]] = level_distances[settled], level_ids[settled]
+            self.settled_fractions[number] = int(settled.sum()) / max(len(queries), 1)
+            pending = pending[~settled]
+        if len(pending):
+            distances[pending], nearest_ids[pending] = self.brute_force.nearest(queries[pending])
         return distances, nearest_ids
+
+
+class _BoundLevel:
+    """One bound of the cascade: its axes and a flat index of the memory bank's bound vectors."""
+
+    def __init__(self, projection: BoundProjection, vectors: np.ndarray) -> None:
+        self.projection = projection
+        bank_bounds = projection.bound_vectors(vectors)
+        self.index = faiss.IndexFlatL2(bank_bounds.shape[1])
+        self.index.add(bank_bounds)
+        self.largest_bank_norm = float(np.square(bank_bounds).sum(axis=1).max())
+
+    def settle(self, queries: np.ndarray, vectors: np.ndarray, candidates: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Which queries this bound settles, and the nearest of their candidates (distance, id)."""
+        if len(queries) == 0:
+            return np.zeros(0, dtype=bool), np.zeros(0, dtype=np.float32), np.zeros(0, dtype=np.int64)
+        query_bounds = self.projection.bound_vectors(queries)
+        bounds, ids = self.index.search(query_bounds, candidates)
+        distances, nearest_ids = nearest_candidate(queries, vectors, ids)
+        if candidates >= self.index.ntotal:
+            return np.ones(len(queries), dtype=bool), distances, nearest_ids
+        margin = BOUND_ROUNDING_MARGIN * (np.square(query_bounds).sum(axis=1) + self.largest_bank_norm)
+        return bounds[:, -1] - margin >= distances, distances, nearest_ids
 
 
 # Dimensions tried for the bound, and what a flat search costs per (query, row) pair besides its dot
@@ -211,17 +252,19 @@ FLAT_SEARCH_OVERHEAD_DIMS = 64
 
 @dataclass(frozen=True)
 class BoundChoice:
-    """The bound dimension that minimises the estimated cost of exact search on sample queries.
+    """The bound cascade that minimises the estimated cost of exact search on sample queries.
 
     Attributes:
-        projection: The chosen axes, or ``None`` where brute force is estimated cheaper.
-        settled_fraction: Of the sample queries, those the chosen bound settles.
+        projection: The principal axes the levels use, or ``None`` where brute force is estimated cheaper.
+        levels: Dimensions of the cascade's bounds.
+        settled_fraction: Of the sample queries, those some level settles.
         estimated_cost: Estimated time of exact search relative to brute force.
         queries: Number of sample queries.
         query_source: Where they came from.
     """
 
     projection: BoundProjection | None
+    levels: tuple[int, ...]
     settled_fraction: float
     estimated_cost: float
     queries: int
@@ -236,33 +279,36 @@ def choose_bound(
     max_dim: int,
     principal_axes: BoundProjection | None = None,
 ) -> BoundChoice:
-    """Try each of ``BOUND_DIMS`` up to ``max_dim`` on ``queries`` and keep the cheapest, or none.
+    """The cheapest cascade on ``queries``: one of ``BOUND_DIMS``, then ``max_dim`` axes, or brute force.
 
-    A smaller bound is cheaper to search but settles fewer queries, and each unsettled one costs a
-    brute-force search; the estimate is ``(d + overhead) / (D + overhead) + unsettled fraction``.
+    Each level costs ``(d + overhead) / (D + overhead)`` of brute force for the queries that reach
+    it, and every query left unsettled costs one brute-force search.
 
     Args:
         memory_bank: The exact index the queries are searched in.
         queries: Sample query rows, not themselves in ``memory_bank``.
         query_source: Where they came from, for the record.
-        candidates: Candidates per query of the bound search.
-        max_dim: Largest dimension tried.
+        candidates: Candidates per query of the bound searches.
+        max_dim: Dimension of the last level.
         principal_axes: The memory bank's axes, if already computed (``BoundProjection.fit``).
     """
-    vectors = flat_vectors(memory_bank)
-    axes = principal_axes or BoundProjection.fit(vectors, max_dim)
-    dims = [dim for dim in BOUND_DIMS if dim <= min(max_dim, axes.dim)] or [axes.dim]
-    full_dim = memory_bank.d + FLAT_SEARCH_OVERHEAD_DIMS
-    best = BoundChoice(None, 0.0, 1.0, len(queries), query_source)
-    for dim in tqdm(dims, desc="Choosing the dimension of the exact-search bound", unit="dim"):
-        projection = axes.leading(dim)
-        search = BoundedExactSearch(memory_bank, projection, candidates)
+    axes = principal_axes or BoundProjection.fit(flat_vectors(memory_bank), max_dim)
+    last = min(max_dim, axes.dim)
+    cascades = [(dim, last) for dim in BOUND_DIMS if dim < last] + [(last,)]
+    best = BoundChoice(None, (), 0.0, 1.0, len(queries), query_source)
+    for levels in tqdm(cascades, desc="Choosing the exact-search bounds", unit="cascade"):
+        search = BoundedExactSearch(memory_bank, axes, levels, candidates)
         search.nearest(queries)
-        cost = (dim + 1 + FLAT_SEARCH_OVERHEAD_DIMS) / full_dim + (1.0 - search.settled_fraction)
-        logger.info("Bound of %d dimensions: settles %.1f %% of the queries, estimated cost %.2f of brute force.",
-                    dim, 100 * search.settled_fraction, cost)
+        reaching = 1.0
+        cost = 0.0
+        for dim, settled in zip(levels, search.settled_fractions, strict=True):
+            cost += reaching * (dim + 1 + FLAT_SEARCH_OVERHEAD_DIMS) / (memory_bank.d + FLAT_SEARCH_OVERHEAD_DIMS)
+            reaching -= settled
+        cost += reaching
+        logger.info("Bounds %s settle %s of the queries: estimated cost %.3f of brute force.", levels,
+                    " + ".join(f"{100 * settled:.1f} %" for settled in search.settled_fractions), cost)
         if cost < best.estimated_cost:
-            best = BoundChoice(projection, search.settled_fraction, cost, len(queries), query_source)
+            best = BoundChoice(axes.leading(last), levels, search.settled_fraction, cost, len(queries), query_source)
     return best
 
 
