@@ -30,9 +30,9 @@ from anomalib_apc.deploy.search import (
     BoundProjection,
     BruteForceSearch,
     approximate_index_recipe,
-    choose_bound,
     held_out_recall,
     held_out_split,
+    measure_bound,
 )
 from anomalib_apc.models import AnomalousPatchCore
 
@@ -108,8 +108,9 @@ def test_bundle_holds_graph_indexes_and_metadata(bundle: Path, trained) -> None:
     state = metadata.post_processor["state"]
     assert state["_image_threshold"] == pytest.approx(float(model.post_processor.image_threshold))
     assert state["image_max"] == pytest.approx(float(model.post_processor.image_max))
-    assert metadata.exact_search["levels"][-1] <= metadata.embedding_dim // 6
-    assert metadata.exact_search["estimated_cost_vs_brute_force"] < 1
+    if metadata.exact_search is not None:  # kept only where it was faster than brute force at export
+        assert metadata.exact_search["dim"] == metadata.embedding_dim // 6
+        assert metadata.exact_search["measured_speedup_vs_brute_force"] > 1
     assert metadata.approximate_search is None
     assert metadata.verification["labels_equal"] is True
     index = faiss.read_index(str(bundle / "memory_bank.faiss"))
@@ -158,30 +159,30 @@ def test_pre_processor_is_rebuilt_from_the_metadata(inferencer: ApcInferencer, t
     torch.testing.assert_close(inferencer.pre_processor.transform(image), model.pre_processor.transform(image))
 
 
-def test_bounded_exact_search_equals_brute_force_on_bundle_patches(bundle: Path, inferencer: ApcInferencer,
+def test_bounded_exact_search_equals_brute_force_on_bundle_patches(inferencer: ApcInferencer,
                                                                    test_images: torch.Tensor) -> None:
     patches = inferencer.embed(inferencer.prepare(test_images).model_inputs)
     rows = patches.reshape(-1, patches.shape[-1])
-    brute_force = ApcInferencer(bundle, search="brute_force").search
-    assert isinstance(inferencer.search, BoundedExactSearch)
-    exact_distances, exact_ids = brute_force.nearest(rows)
-    distances, ids = inferencer.search.nearest(rows)
+    vectors = inferencer.scoring.memory_bank.numpy()
+    bounded = BoundedExactSearch(inferencer.memory_bank, BoundProjection.fit(vectors, max_dim=16), candidates=8)
+    exact_distances, exact_ids = BruteForceSearch(inferencer.memory_bank).nearest(rows)
+    distances, ids = bounded.nearest(rows)
+    assert 0 < bounded.settled_fraction
     np.testing.assert_allclose(distances, exact_distances, rtol=1e-5)
     assert (ids == exact_ids).mean() > 0.99  # rows at the same distance may swap under float rounding
 
 
-def test_bounded_search_falls_back_to_tighter_bounds_and_brute_force() -> None:
+def test_bounded_search_falls_back_to_brute_force_where_the_bound_is_loose() -> None:
     rng = np.random.default_rng(0)
-    # Low-rank rows plus noise: a 2-axis bound settles some queries, a 4-axis one more, not all.
+    # Low-rank rows plus noise: a 4-axis bound settles some queries, not all.
     basis = rng.standard_normal((4, 32)).astype(np.float32)
     bank = (rng.standard_normal((500, 4)) @ basis + 0.5 * rng.standard_normal((500, 32))).astype(np.float32)
     queries = (rng.standard_normal((300, 4)) @ basis + 0.5 * rng.standard_normal((300, 32))).astype(np.float32)
     index = faiss.IndexFlatL2(32)
     index.add(bank)
-    search = BoundedExactSearch(index, BoundProjection.fit(bank, max_dim=4), levels=(2, 4), candidates=4)
+    search = BoundedExactSearch(index, BoundProjection.fit(bank, max_dim=4), candidates=4)
     distances, ids = search.nearest(queries)
-    assert all(fraction > 0 for fraction in search.settled_fractions)
-    assert search.settled_fraction < 1
+    assert 0 < search.settled_fraction < 1
     exact = ((queries[:, None, :] - bank[None]) ** 2).sum(-1)
     np.testing.assert_array_equal(ids, exact.argmin(1))
     np.testing.assert_allclose(distances, exact.min(1), rtol=1e-5)
@@ -195,7 +196,7 @@ def test_approximate_index_records_its_recall(trained, tmp_path: Path, tiny_data
     path = export_bundle(model, tmp_path / "hnsw", index="hnsw", datamodule=datamodule)
     metadata = read_metadata(path)
     assert metadata.verification["source"] == "calibration images"
-    assert metadata.exact_search["estimated_on"] == "calibration image patches"
+    assert metadata.exact_search is None or metadata.exact_search["measured_on"] == "calibration image patches"
     search = metadata.approximate_search
     assert search["type"] == "hnsw"
     assert 0.5 <= search["recall_at_1"] <= 1
@@ -203,25 +204,28 @@ def test_approximate_index_records_its_recall(trained, tmp_path: Path, tiny_data
     assert search["recall_query_source"] == "calibration image patches"
     approximate, exact = ApcInferencer(path), ApcInferencer(path, search="exact")
     assert not isinstance(approximate.search, BoundedExactSearch)
-    assert isinstance(exact.search, BoundedExactSearch)
+    assert isinstance(exact.search, BoundedExactSearch | BruteForceSearch)
     # Exact re-ranking of the candidates: an approximate patch score is never below the exact one.
     assert (approximate.score(approximate.prepare(test_images).model_inputs).pred_score + 1e-5
             >= exact.score(exact.prepare(test_images).model_inputs).pred_score).all()
 
 
-def test_bound_dimension_is_chosen_by_estimated_cost() -> None:
+def test_bound_settles_low_rank_features_and_not_structureless_ones() -> None:
     rng = np.random.default_rng(0)
     low_rank = (rng.standard_normal((2000, 6)) @ rng.standard_normal((6, 96))).astype(np.float32)
     low_rank += 0.01 * rng.standard_normal(low_rank.shape).astype(np.float32)
     structureless = rng.standard_normal((2000, 96)).astype(np.float32)
-    for rows, expect_bound in ((low_rank, True), (structureless, False)):
+    settled = {}
+    for name, rows in (("low rank", low_rank), ("structureless", structureless)):
         queries, rest = held_out_split(rows)
         index = faiss.IndexFlatL2(rows.shape[1])
         index.add(rest)
-        choice = choose_bound(index, queries, "held out", candidates=16, max_dim=16)
-        assert (choice.projection is not None) == expect_bound
-        assert choice.estimated_cost <= 1
-    assert choice.projection is None and choice.estimated_cost == 1.0  # structureless: brute force
+        measurement = measure_bound(index, BoundProjection.fit(rest, max_dim=16), queries, "held out", candidates=16)
+        assert measurement.queries == len(queries) == 200
+        assert measurement.bounded_seconds > 0 and measurement.brute_force_seconds > 0
+        settled[name] = measurement.settled_fraction
+    assert settled["low rank"] > 0.95
+    assert settled["structureless"] < 0.05
 
 
 @pytest.mark.parametrize("index_type", APPROXIMATE_INDEX_TYPES)
@@ -245,7 +249,6 @@ def test_fp16_and_int8_bundles(trained, bundle: Path, tmp_path: Path, tiny_datas
     assert metadata.precision == "int8"
     assert "nncf" in metadata.versions
     assert metadata.verification["source"] == "calibration images"
-    assert metadata.exact_search["settled_fraction"] is not None
     assert read_metadata(fp16).verification["max_relative_score_difference"] < 1e-2
     int8_scores = ApcInferencer(int8).predict(test_images).pred_score
     assert torch.isfinite(int8_scores).all()

@@ -199,7 +199,7 @@ class ApcInferencer:
             return ApproximateSearch(index, flat_vectors(self.memory_bank), approximate["candidates"])
         if mode != "brute_force" and exact:
             projection = BoundProjection.load(self.bundle / exact["file"])
-            return BoundedExactSearch(self.memory_bank, projection, exact["levels"], exact["candidates"])
+            return BoundedExactSearch(self.memory_bank, projection, exact["candidates"])
         return BruteForceSearch(self.memory_bank)
 
     def _build_post_processor(self) -> PostProcessor | None:

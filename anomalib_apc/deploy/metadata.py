@@ -46,9 +46,9 @@ class BundleMetadata:
         post_processor: ``{"class_path", "config", "state"}`` of the anomalib post-processor (its
             thresholds and min/max statistics in ``state``), or ``None`` for raw scores.
         anomaly_map_sigma: Gaussian sigma of PatchCore's anomaly-map smoothing.
-        exact_search: The lower bounds that speed up exact search (``{"file", "levels",
-            "explained_variance", "candidates", "settled_fraction", "estimated_cost_vs_brute_force",
-            "estimated_on"}``), or ``None`` where brute force was estimated cheaper.
+        exact_search: The lower bound that speeds up exact search (``{"file", "dim",
+            "explained_variance", "candidates", "settled_fraction", "measured_speedup_vs_brute_force",
+            "measured_on"}``), or ``None`` where it was no faster than brute force at export.
         approximate_search: ``{"file", "type", "factory", "search_parameters", "candidates",
             "recall_at_1", "mean_relative_distance_error", "recall_queries", "recall_query_source"}``,
             or ``None``.

@@ -16,7 +16,7 @@ id of a memory-bank row and the exact squared distance to it):
   ``[Pa, ||Ra||]``. A flat search in that small space gives each query the ``candidates`` rows with
   the smallest bounds; their exact distances give the nearest of them. The query is settled when
   the largest bound among the candidates exceeds that distance, as no other row can then be nearer;
-  unsettled queries get a tighter bound with more axes, and the few left the brute-force search. Results equal brute force (up to float
+  the few unsettled queries get the brute-force search. Results equal brute force (up to float
   rounding between rows at the same distance); only the time depends on the data.
 - ``ApproximateSearch``: an approximate faiss index (HNSW, IVF) proposes candidates, whose exact
   distances are then taken, so a miss costs a slightly larger score, never a wrong distance.
@@ -24,7 +24,7 @@ id of a memory-bank row and the exact squared distance to it):
 
 import logging
 import math
-from collections.abc import Sequence
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol, get_args
@@ -171,145 +171,88 @@ class BoundProjection:
 
 
 class BoundedExactSearch:
-    """Exact nearest neighbours, settled by lower bounds for most queries (see the module docstring).
-
-    The bounds form a cascade: queries that a small bound leaves unsettled (typically patches far
-    from every row, as anomalous ones are) get a larger, tighter one, and only what no level settles
-    goes to brute force. A cheap first level then costs little where it fails.
+    """Exact nearest neighbours, settled by a lower bound for most queries (see the module docstring).
 
     Args:
-        memory_bank: The exact flat index, also used for the queries no bound settles.
-        projection: The principal axes; each level uses its leading ``levels[i]`` of them.
-        levels: Dimensions of the successive bounds, increasing.
+        memory_bank: The exact flat index, also used for the queries the bound cannot settle.
+        projection: The principal axes of the bound.
         candidates: Rows with the smallest bounds whose exact distances are taken per query.
     """
 
-    def __init__(
-        self,
-        memory_bank: faiss.IndexFlatL2,
-        projection: BoundProjection,
-        levels: Sequence[int],
-        candidates: int,
-    ) -> None:
-        if not levels or list(levels) != sorted(set(levels)) or levels[-1] > projection.dim:
-            msg = f"Bound levels must increase and not exceed the {projection.dim} axes, got {list(levels)}."
-            raise ValueError(msg)
+    def __init__(self, memory_bank: faiss.IndexFlatL2, projection: BoundProjection, candidates: int) -> None:
         self.brute_force = BruteForceSearch(memory_bank)
         self.vectors = self.brute_force.vectors
+        self.projection = projection
         self.candidates = min(candidates, memory_bank.ntotal)
-        self.levels = [_BoundLevel(projection.leading(dim), self.vectors) for dim in levels]
-        self.settled_fractions = [1.0] * len(levels)  # per level, of the last call's queries, for logs and benchmarks
-
-    @property
-    def settled_fraction(self) -> float:
-        """Fraction of the last call's queries that some bound settled (the rest went to brute force)."""
-        return sum(self.settled_fractions)
+        bank_bounds = projection.bound_vectors(self.vectors)
+        self.bound_index = faiss.IndexFlatL2(bank_bounds.shape[1])
+        self.bound_index.add(bank_bounds)
+        self.largest_bank_norm = float(np.square(bank_bounds).sum(axis=1).max())
+        self.settled_fraction = 1.0  # of the last call's queries, for logs and benchmarks
 
     def nearest(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        distances = np.empty(len(queries), dtype=np.float32)
-        nearest_ids = np.empty(len(queries), dtype=np.int64)
-        pending = np.arange(len(queries))
-        for number, level in enumerate(self.levels):
-            settled, level_distances, level_ids = level.settle(queries[pending], self.vectors, self.candidates)
-            distances[pending[settled]], nearest_ids[pending[settled]] = level_distances[settled], level_ids[settled]
-            self.settled_fractions[number] = int(settled.sum()) / max(len(queries), 1)
-            pending = pending[~settled]
-        if len(pending):
-            distances[pending], nearest_ids[pending] = self.brute_force.nearest(queries[pending])
+        query_bounds = self.projection.bound_vectors(queries)
+        bounds, ids = self.bound_index.search(query_bounds, self.candidates)
+        distances, nearest_ids = nearest_candidate(queries, self.vectors, ids)
+        if self.candidates >= self.bound_index.ntotal:  # every row was a candidate
+            self.settled_fraction = 1.0
+            return distances, nearest_ids
+        margin = BOUND_ROUNDING_MARGIN * (np.square(query_bounds).sum(axis=1) + self.largest_bank_norm)
+        unsettled = bounds[:, -1] - margin < distances
+        if unsettled.any():
+            distances[unsettled], nearest_ids[unsettled] = self.brute_force.nearest(queries[unsettled])
+        self.settled_fraction = 1.0 - float(unsettled.mean()) if len(queries) else 1.0
         return distances, nearest_ids
 
 
-class _BoundLevel:
-    """One bound of the cascade: its axes and a flat index of the memory bank's bound vectors."""
-
-    def __init__(self, projection: BoundProjection, vectors: np.ndarray) -> None:
-        self.projection = projection
-        bank_bounds = projection.bound_vectors(vectors)
-        self.index = faiss.IndexFlatL2(bank_bounds.shape[1])
-        self.index.add(bank_bounds)
-        self.largest_bank_norm = float(np.square(bank_bounds).sum(axis=1).max())
-
-    def settle(self, queries: np.ndarray, vectors: np.ndarray, candidates: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Which queries this bound settles, and the nearest of their candidates (distance, id)."""
-        if len(queries) == 0:
-            return np.zeros(0, dtype=bool), np.zeros(0, dtype=np.float32), np.zeros(0, dtype=np.int64)
-        query_bounds = self.projection.bound_vectors(queries)
-        bounds, ids = self.index.search(query_bounds, candidates)
-        distances, nearest_ids = nearest_candidate(queries, vectors, ids)
-        if candidates >= self.index.ntotal:
-            return np.ones(len(queries), dtype=bool), distances, nearest_ids
-        margin = BOUND_ROUNDING_MARGIN * (np.square(query_bounds).sum(axis=1) + self.largest_bank_norm)
-        return bounds[:, -1] - margin >= distances, distances, nearest_ids
-
-
-# Dimensions tried for the bound, and what a flat search costs per (query, row) pair besides its dot
-# products (distance assembly, top-k selection), in feature dimensions: a bound search in d
-# dimensions costs about (d + 64) / (D + 64) of brute force (measured on two cores, D = 1536).
-BOUND_DIMS = (8, 16, 32, 64, 128, 256)
-FLAT_SEARCH_OVERHEAD_DIMS = 64
-
-
 @dataclass(frozen=True)
-class BoundChoice:
-    """The bound cascade that minimises the estimated cost of exact search on sample queries.
+class BoundMeasurement:
+    """Bounded exact search against brute force on the same sample queries, timed in one process.
 
     Attributes:
-        projection: The principal axes the levels use, or ``None`` where brute force is estimated cheaper.
-        levels: Dimensions of the cascade's bounds.
-        settled_fraction: Of the sample queries, those some level settles.
-        estimated_cost: Estimated time of exact search relative to brute force.
+        settled_fraction: Of the sample queries, those the bound settles.
+        bounded_seconds: Fastest of a few runs of the bounded search over all sample queries.
+        brute_force_seconds: The same for brute force.
         queries: Number of sample queries.
         query_source: Where they came from.
     """
 
-    projection: BoundProjection | None
-    levels: tuple[int, ...]
     settled_fraction: float
-    estimated_cost: float
+    bounded_seconds: float
+    brute_force_seconds: float
     queries: int
     query_source: str
 
+    @property
+    def speedup(self) -> float:
+        return self.brute_force_seconds / max(self.bounded_seconds, 1e-9)
 
-def choose_bound(
+
+def measure_bound(
     memory_bank: faiss.IndexFlatL2,
+    projection: BoundProjection,
     queries: np.ndarray,
     query_source: str,
     candidates: int,
-    max_dim: int,
-    principal_axes: BoundProjection | None = None,
-) -> BoundChoice:
-    """The cheapest cascade on ``queries``: one of ``BOUND_DIMS``, then ``max_dim`` axes, or brute force.
+    runs: int = 2,
+) -> BoundMeasurement:
+    """Time the bounded search and brute force on ``queries`` (alternately, keeping each one's fastest run).
 
-    Each level costs ``(d + overhead) / (D + overhead)`` of brute force for the queries that reach
-    it, and every query left unsettled costs one brute-force search.
-
-    Args:
-        memory_bank: The exact index the queries are searched in.
-        queries: Sample query rows, not themselves in ``memory_bank``.
-        query_source: Where they came from, for the record.
-        candidates: Candidates per query of the bound searches.
-        max_dim: Dimension of the last level.
-        principal_axes: The memory bank's axes, if already computed (``BoundProjection.fit``).
+    Timing decides whether a bundle uses the bound: how much a flat search costs besides its dot
+    products (top-k selection, distance assembly) depends on the CPU and on ``candidates``, and
+    how many queries the bound settles depends on the data, so neither is worth modelling.
     """
-    axes = principal_axes or BoundProjection.fit(flat_vectors(memory_bank), max_dim)
-    last = min(max_dim, axes.dim)
-    cascades = [(dim, last) for dim in BOUND_DIMS if dim < last] + [(last,)]
-    best = BoundChoice(None, (), 0.0, 1.0, len(queries), query_source)
-    for levels in tqdm(cascades, desc="Choosing the exact-search bounds", unit="cascade"):
-        search = BoundedExactSearch(memory_bank, axes, levels, candidates)
-        search.nearest(queries)
-        reaching = 1.0
-        cost = 0.0
-        for dim, settled in zip(levels, search.settled_fractions, strict=True):
-            cost += reaching * (dim + 1 + FLAT_SEARCH_OVERHEAD_DIMS) / (memory_bank.d + FLAT_SEARCH_OVERHEAD_DIMS)
-            reaching -= settled
-        cost += reaching
-        logger.info("Bounds %s settle %s of the queries: estimated cost %.3f of brute force.", levels,
-                    " + ".join(f"{100 * settled:.1f} %" for settled in search.settled_fractions), cost)
-        if cost < best.estimated_cost:
-            best = BoundChoice(axes.leading(last), levels, search.settled_fraction, cost, len(queries), query_source)
-    return best
+    bounded = BoundedExactSearch(memory_bank, projection, candidates)
+    brute_force = BruteForceSearch(memory_bank)
+    seconds: dict[str, list[float]] = {"bounded": [], "brute force": []}
+    for _ in tqdm(range(runs), desc="Timing the exact-search bound against brute force", unit="run"):
+        for name, search in (("bounded", bounded), ("brute force", brute_force)):
+            started = time.perf_counter()
+            search.nearest(queries)
+            seconds[name].append(time.perf_counter() - started)
+    return BoundMeasurement(bounded.settled_fraction, min(seconds["bounded"]), min(seconds["brute force"]),
+                            len(queries), query_source)
 
 
 def held_out_split(vectors: np.ndarray, fraction: float = 0.1, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
