@@ -79,3 +79,21 @@ def test_onnx_export_through_anomalib_cli(checkpoint, tmp_path: Path) -> None:
     _anomalib_export("onnx", path, tmp_path)
     onnx_model = ov.Core().read_model(tmp_path / "weights" / "onnx" / "model.onnx")
     assert {output.get_any_name() for output in onnx_model.outputs} >= {"pred_score", "anomaly_map"}
+
+
+@needs_onnxscript
+def test_anomalib_openvino_export_takes_any_batch_size(tmp_path: Path) -> None:
+    # At 192 px two images make 1,152 patches, more than the 1,024 that anomalib searches at a time.
+    model = AnomalousPatchCore(
+        backbone="resnet18", pre_trained=False, tasks=(), finetune_epochs=0, visualizer=False, post_processor=False,
+        pre_processor=AnomalousPatchCore.configure_pre_processor(image_size=(192, 192)),
+    ).eval()
+    model.model.memory_bank = torch.randn(300, 384, generator=torch.Generator().manual_seed(0))
+    path = model.to_openvino(tmp_path, onnx_kwargs={"verbose": False})
+    compiled = ov.Core().compile_model(path, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    assert compiled.input(0).get_partial_shape()[0].is_dynamic
+    for batch_size in (1, 3):
+        images = torch.rand(batch_size, 3, 192, 192, generator=torch.Generator().manual_seed(batch_size))
+        with torch.no_grad():
+            expected = model(images).pred_score.numpy()
+        np.testing.assert_allclose(compiled(images.numpy())["pred_score"], expected, rtol=1e-4)

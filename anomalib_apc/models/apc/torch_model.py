@@ -140,6 +140,19 @@ class AnomalousPatchCoreModel(PatchcoreModel):
         pooled = {layer: self.feature_pooler(feature) for layer, feature in features.items()}
         return self.generate_embedding(pooled)
 
+    def nearest_neighbors(self, embedding: torch.Tensor, n_neighbors: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """PatchCore's search; in one piece while exported, where its chunk loop would fix the batch size.
+
+        anomalib searches 1,024 patches at a time; ``torch.export`` unrolls that loop for the example
+        batch, so the exported graph (``anomalib export``) refused every other batch size at 256 px.
+        """
+        if torch.compiler.is_exporting():
+            distances = self.euclidean_dist(embedding, self.memory_bank)
+            if n_neighbors == 1:
+                return distances.min(1)
+            return distances.topk(k=n_neighbors, largest=False, dim=1)
+        return super().nearest_neighbors(embedding, n_neighbors)
+
     @torch.no_grad()
     def patch_embeddings(self, images: torch.Tensor) -> torch.Tensor:
         """Patch features of a batch as rows ``(B * h * w, D)``, the memory bank's unit."""
