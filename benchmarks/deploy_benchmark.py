@@ -6,7 +6,8 @@ anomaly map, normalisation and labels.
 
 - ``torch``: the Lightning module's forward (pre-processor, ``AnomalousPatchCoreModel``, post-processor),
   as anomalib's ``TorchInferencer`` runs it.
-- ``anomalib openvino``: ``model.to_openvino`` (anomalib's standard export, search traced into the graph).
+- ``anomalib openvino``: ``model.to_openvino`` (anomalib's standard export, search traced into the graph;
+  batch-dynamic since ``AnomalousPatchCoreModel`` searches in one piece while exported).
 - ``bundle``: ``ApcInferencer.predict`` on an FP32 bundle: OpenVINO CNN, exact faiss search with the
   lower bound of ``anomalib_apc.deploy.search``.
 - ``bundle brute force``: the same bundle with ``search="brute_force"`` (faiss ``IndexFlatL2`` over every row).
@@ -91,9 +92,8 @@ def run(args: argparse.Namespace, work_dir: Path) -> None:
     bundle = export_bundle(model, work_dir / "bundle")
     logger.info("Bundle export: %.1f s.", time.perf_counter() - started)
     contestants: dict[str, Callable[[torch.Tensor], object]] = {"torch": model}
-    anomalib_batch = None
     if not args.skip_anomalib_openvino:
-        contestants["anomalib openvino"], anomalib_batch = anomalib_openvino(model, work_dir, args.threads)
+        contestants["anomalib openvino"] = anomalib_openvino(model, work_dir, args.threads)
     inferencer = ApcInferencer(bundle, num_threads=args.threads)
     contestants["bundle"] = inferencer.predict
     contestants["bundle brute force"] = ApcInferencer(bundle, num_threads=args.threads, search="brute_force").predict
@@ -103,11 +103,6 @@ def run(args: argparse.Namespace, work_dir: Path) -> None:
           f"load before {os.getloadavg()[0]:.2f}")
     table = {batch_size: time_contestants(contestants, test_images, batch_size, args.rounds) for batch_size in args.batch_sizes}
     print_table(table, list(contestants))
-    if anomalib_batch is not None and anomalib_batch not in table:
-        fixed = time_contestants({name: contestants[name] for name in ("torch", "anomalib openvino", "bundle")},
-                                 test_images, anomalib_batch, args.rounds)
-        print(f"anomalib's OpenVINO graph only takes batches of {anomalib_batch}; at that batch size, ms per image: "
-              + ", ".join(f"{name} {value:.1f}" for name, value in fixed.items()))
     print(f"load after {os.getloadavg()[0]:.2f}")
     print_breakdown(inferencer, test_images[:1], args.rounds)
     report = compare_with_model(inferencer, model, test_images)
@@ -165,20 +160,16 @@ def calibrate_post_processor(model: AnomalousPatchCore, images: torch.Tensor) ->
     post._pixel_threshold.fill_(raw.anomaly_map.median())  # noqa: SLF001
 
 
-def anomalib_openvino(
-    model: AnomalousPatchCore, work_dir: Path, threads: int,
-) -> tuple[Callable[[torch.Tensor], object], int | None]:
-    """anomalib's export of the model, compiled, and the batch size it is fixed to (``None`` if dynamic)."""
+def anomalib_openvino(model: AnomalousPatchCore, work_dir: Path, threads: int) -> Callable[[torch.Tensor], object]:
+    """anomalib's export of the model (``model.to_openvino``), compiled for the CPU."""
     started = time.perf_counter()
     path = model.to_openvino(work_dir / "anomalib_export", onnx_kwargs={"verbose": False})
     logger.info("anomalib OpenVINO export: %.1f s (%s).", time.perf_counter() - started, path)
     core = ov.Core()
     compiled = core.compile_model(core.read_model(path), "CPU",
                                   {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"})
-    batch_dimension = compiled.input(0).get_partial_shape()[0]
     logger.info("anomalib OpenVINO graph input: %s.", compiled.input(0).get_partial_shape())
-    fixed_batch = batch_dimension.get_length() if batch_dimension.is_static else None
-    return (lambda images: compiled(images.numpy())), fixed_batch
+    return lambda images: compiled(images.numpy())
 
 
 def time_contestants(
