@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from anomalib_apc import __version__
 
-USER_ERRORS = (FileNotFoundError, ValueError, RuntimeError)
+USER_ERRORS = (FileNotFoundError, FileExistsError, ValueError, RuntimeError)
 
 
 def build_parser() -> argparse.ArgumentParser:

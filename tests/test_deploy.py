@@ -24,8 +24,8 @@ from anomalib_apc.cli import main as apc_main
 from anomalib_apc.data import SupervisedMVTecAD
 from anomalib_apc.deploy import ApcInferencer, ImageReadError, compare_with_model, export_bundle, read_metadata
 from anomalib_apc.deploy.images import list_image_files, read_image_file
+from anomalib_apc.deploy.options import APPROXIMATE_INDEX_TYPES
 from anomalib_apc.deploy.search import (
-    APPROXIMATE_INDEX_TYPES,
     BoundedExactSearch,
     BoundProjection,
     BruteForceSearch,

@@ -1,28 +1,37 @@
 """Deployment of AnomalousPatchCore: a bundle (OpenVINO graph, faiss memory bank, metadata) and its inferencer.
 
+The names below are imported on first use, so that ``anomalib-apc --help`` and the argument parsers
+do not pay for torch, OpenVINO and faiss.
+
 Example:
     >>> from anomalib_apc.deploy import ApcInferencer, export_bundle
     >>> export_bundle("results/.../model.ckpt", "bundle")
     >>> ApcInferencer("bundle").predict("image.png").pred_score
 """
 
-from .bundle import INDEX_TYPES, PRECISIONS, export_bundle, load_checkpoint
-from .images import ImageReadError
-from .inferencer import SEARCH_MODES, ApcInferencer
-from .metadata import BUNDLE_FORMAT_VERSION, BundleMetadata, read_metadata
-from .parity import ParityReport, compare_with_model
+import importlib
+from typing import Any
 
-__all__ = [
-    "BUNDLE_FORMAT_VERSION",
-    "INDEX_TYPES",
-    "PRECISIONS",
-    "SEARCH_MODES",
-    "ApcInferencer",
-    "BundleMetadata",
-    "ImageReadError",
-    "ParityReport",
-    "compare_with_model",
-    "export_bundle",
-    "load_checkpoint",
-    "read_metadata",
-]
+_MODULE_OF = {
+    "BUNDLE_FORMAT_VERSION": "metadata",
+    "INDEX_TYPES": "options",
+    "PRECISIONS": "options",
+    "SEARCH_MODES": "options",
+    "ApcInferencer": "inferencer",
+    "BundleMetadata": "metadata",
+    "ImageReadError": "images",
+    "ParityReport": "parity",
+    "compare_with_model": "parity",
+    "export_bundle": "bundle",
+    "load_checkpoint": "bundle",
+    "read_metadata": "metadata",
+}
+
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str) -> Any:  # noqa: ANN401 - any of the exported objects
+    if name not in _MODULE_OF:
+        msg = f"module {__name__!r} has no attribute {name!r}"
+        raise AttributeError(msg)
+    return getattr(importlib.import_module(f".{_MODULE_OF[name]}", __name__), name)

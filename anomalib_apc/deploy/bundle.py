@@ -24,7 +24,6 @@ import logging
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Literal, get_args
 
 import anomalib
 import faiss
@@ -52,9 +51,9 @@ from .metadata import (
     METADATA_FILE,
     BundleMetadata,
 )
+from .options import INDEX_TYPES, PRECISIONS, ApproximateIndexType, IndexType, Precision
 from .parity import compare_with_model
 from .search import (
-    ApproximateIndexType,
     ApproximateSearch,
     BoundProjection,
     BruteForceSearch,
@@ -67,11 +66,6 @@ from .search import (
     held_out_split,
     measure_recall,
 )
-
-Precision = Literal["fp32", "fp16", "int8"]
-PRECISIONS: tuple[Precision, ...] = get_args(Precision)
-IndexType = Literal["flat", ApproximateIndexType]
-INDEX_TYPES: tuple[IndexType, ...] = get_args(IndexType)
 
 logger = logging.getLogger(__name__)
 

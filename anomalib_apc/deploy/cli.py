@@ -6,13 +6,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from anomalib.visualization import ImageVisualizer
-from tqdm import tqdm
-
-from .bundle import INDEX_TYPES, PRECISIONS, export_bundle
-from .images import ImageReadError, list_image_files, read_image_file
-from .inferencer import SEARCH_MODES, ApcInferencer
-from .metadata import read_metadata
+from .options import INDEX_TYPES, PRECISIONS, SEARCH_MODES
 
 SCORES_FILE = "scores.csv"
 OVERLAY_DIR = "overlays"
@@ -32,19 +26,19 @@ def add_export_bundle_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_export_bundle(args: argparse.Namespace) -> int:
-    try:
-        directory = export_bundle(
-            args.ckpt,
-            args.output,
-            precision=args.precision,
-            index=args.index,
-            calibration_images=args.calibration_images,
-            max_calibration_images=args.max_calibration_images,
-            overwrite=args.overwrite,
-        )
-    except FileExistsError as error:
-        print(f"anomalib-apc export-bundle: error: {error}", file=sys.stderr)
-        return 2
+    """Export the checkpoint and print what the bundle holds and how it was verified."""
+    from .bundle import export_bundle
+    from .metadata import read_metadata
+
+    directory = export_bundle(
+        args.ckpt,
+        args.output,
+        precision=args.precision,
+        index=args.index,
+        calibration_images=args.calibration_images,
+        max_calibration_images=args.max_calibration_images,
+        overwrite=args.overwrite,
+    )
     metadata = read_metadata(directory)
     print(f"Bundle written to {directory}: {metadata.backbone} {metadata.precision}, input {metadata.image_size}, "
           f"memory bank {metadata.memory_bank_size} x {metadata.embedding_dim}.")
@@ -71,6 +65,12 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_predict(args: argparse.Namespace) -> int:
     """Score every image; unreadable files are reported and skipped, and make the exit status 1."""
+    from anomalib.visualization import ImageVisualizer
+    from tqdm import tqdm
+
+    from .images import ImageReadError, list_image_files, read_image_file
+    from .inferencer import ApcInferencer
+
     if args.batch_size < 1:
         msg = f"--batch-size must be at least 1, got {args.batch_size}."
         raise ValueError(msg)

@@ -20,7 +20,6 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, get_args
 
 import faiss
 import numpy as np
@@ -34,6 +33,7 @@ from anomalib.pre_processing import PreProcessor
 from torchvision.transforms.v2.functional import resize
 
 from .images import ImageInput, to_image_tensors
+from .options import SEARCH_MODES, SearchMode
 from .metadata import GRAPH_FILE, MEMORY_BANK_FILE, BundleMetadata, read_metadata
 from .search import (
     ApproximateSearch,
@@ -47,8 +47,6 @@ from .search import (
 
 logger = logging.getLogger(__name__)
 
-SearchMode = Literal["default", "exact", "brute_force"]
-SEARCH_MODES: tuple[SearchMode, ...] = get_args(SearchMode)
 
 
 def available_cpus() -> int:

@@ -27,17 +27,16 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol, get_args
+from typing import Protocol
 
 import faiss
 import numpy as np
 import torch
 from tqdm import tqdm
 
-logger = logging.getLogger(__name__)
+from .options import APPROXIMATE_INDEX_TYPES, ApproximateIndexType
 
-ApproximateIndexType = Literal["hnsw", "ivf"]
-APPROXIMATE_INDEX_TYPES: tuple[ApproximateIndexType, ...] = get_args(ApproximateIndexType)
+logger = logging.getLogger(__name__)
 
 # Float32 rounding of a squared distance computed as |x|^2 + |m|^2 - 2 x.m is a few ulps of the
 # norms; a bound must beat the best exact distance by this fraction of them to settle a query.
