@@ -4,7 +4,6 @@ The CLI is run in-process (``AnomalibCLI(args)``, what the ``anomalib`` console 
 short model name resolves through the plugin's import hook exactly as on the command line.
 """
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -16,12 +15,6 @@ from anomalib.engine import Engine
 from anomalib_apc.models import AnomalousPatchCore
 
 IMAGE_SIZE = 64
-
-needs_onnxscript = pytest.mark.skipif(
-    importlib.util.find_spec("onnxscript") is None,
-    reason="anomalib's ONNX and OpenVINO export need the onnxscript package",
-)
-
 
 @pytest.fixture(scope="module")
 def checkpoint(tiny_dataset, tmp_path_factory: pytest.TempPathFactory) -> tuple[AnomalousPatchCore, Path]:
@@ -61,7 +54,6 @@ def test_torch_export_through_anomalib_cli(checkpoint, tmp_path: Path) -> None:
         torch.testing.assert_close(exported(images).pred_score, model(images).pred_score)
 
 
-@needs_onnxscript
 def test_openvino_export_through_anomalib_cli(checkpoint, tmp_path: Path) -> None:
     model, path = checkpoint
     _anomalib_export("openvino", path, tmp_path)
@@ -73,7 +65,6 @@ def test_openvino_export_through_anomalib_cli(checkpoint, tmp_path: Path) -> Non
     np.testing.assert_allclose(compiled(images.numpy())["pred_score"], expected, atol=1e-4)
 
 
-@needs_onnxscript
 def test_onnx_export_through_anomalib_cli(checkpoint, tmp_path: Path) -> None:
     _, path = checkpoint
     _anomalib_export("onnx", path, tmp_path)
@@ -81,7 +72,6 @@ def test_onnx_export_through_anomalib_cli(checkpoint, tmp_path: Path) -> None:
     assert {output.get_any_name() for output in onnx_model.outputs} >= {"pred_score", "anomaly_map"}
 
 
-@needs_onnxscript
 def test_anomalib_openvino_export_takes_any_batch_size(tmp_path: Path) -> None:
     # At 192 px two images make 1,152 patches, more than the 1,024 that anomalib searches at a time.
     model = AnomalousPatchCore(
