@@ -57,14 +57,39 @@ class EpochLosses(Callback):
         self.epochs.append({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train_loss")})
 
 
+class TrainingModes(Callback):
+    """Records whether every layer of the network is in train mode during fine-tuning steps."""
+
+    def __init__(self) -> None:
+        self.all_training: list[bool] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001 - Lightning's hook
+        del trainer, batch, batch_idx
+        self.all_training.append(all(module.training for module in pl_module.model.modules()))
+
+
 @pytest.fixture(scope="module")
-def trained(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[AnomalousPatchCore, Engine, EpochLosses]:
+def training_modes() -> TrainingModes:
+    return TrainingModes()
+
+
+@pytest.fixture(scope="module")
+def trained(
+    demo_root: Path, tmp_path_factory: pytest.TempPathFactory, training_modes: TrainingModes
+) -> tuple[AnomalousPatchCore, Engine, EpochLosses]:
     torch.manual_seed(0)
     losses = EpochLosses()
-    engine = _engine(tmp_path_factory.mktemp("run"), [losses])
+    engine = _engine(tmp_path_factory.mktemp("run"), [losses, training_modes])
     model = _model()
+    model.eval()  # as after an inference warm-up: fine-tuning must still update batch-norm statistics
     engine.fit(model=model, datamodule=_datamodule(demo_root))
     return model, engine, losses
+
+
+def test_fine_tuning_runs_every_layer_in_train_mode(trained, training_modes: TrainingModes) -> None:
+    del trained
+    assert training_modes.all_training
+    assert all(training_modes.all_training)
 
 
 def test_fine_tuning_logs_finite_per_task_losses(trained: tuple[AnomalousPatchCore, Engine, EpochLosses]) -> None:

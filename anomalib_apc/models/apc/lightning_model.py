@@ -156,9 +156,14 @@ class AnomalousPatchCore(MemoryBankMixin, AnomalibModule):
         return torch.optim.AdamW(self.model.parameters(), lr=self.learning_rate, weight_decay=self.weight_decay)
 
     def on_train_start(self) -> None:
-        """Refuse a one-class training set before spending an epoch on it."""
+        """Refuse a one-class training set before spending an epoch on it; put every layer in train mode.
+
+        Lightning keeps the train/eval mode each submodule had before ``fit``, so a model that was used
+        for inference first (``model.eval()``) would otherwise fine-tune with frozen batch-norm statistics.
+        """
         if not self.fine_tunes:
             return
+        self.model.train()
         dataset = getattr(getattr(self.trainer, "datamodule", None), "train_data", None)
         samples = getattr(dataset, "samples", None)
         if samples is not None and "label_index" in samples and int((samples.label_index == 1).sum()) == 0:
@@ -195,7 +200,7 @@ class AnomalousPatchCore(MemoryBankMixin, AnomalibModule):
         batch_size = batch.image.shape[0]
         for name, value in losses.items():
             self.log(f"train_loss_{name}" if name != "total" else "train_loss", value, on_epoch=True, on_step=False,
-                     prog_bar=name == "total", logger=True, batch_size=batch_size)
+                     prog_bar=name == "total", batch_size=batch_size)
         return {"loss": losses["total"]}
 
     @staticmethod
