@@ -204,6 +204,13 @@ def test_all_anomalies_is_allowed_with_a_warning(tiny_dataset, caplog) -> None:
     assert not datamodule.test_data.has_anomalous
 
 
+def test_missing_category_folder_is_named_instead_of_downloading(tmp_path: Path) -> None:
+    datamodule = SupervisedMVTecAD(root=tmp_path / "mpdd", category="metal_plate", num_workers=0)
+    with pytest.raises(FileNotFoundError, match=r"no folder .*mpdd/metal_plate and 'metal_plate' is not an MVTec AD"):
+        datamodule.prepare_data()
+    assert not (tmp_path / "mpdd").exists()
+
+
 def test_category_without_anomalies_is_an_error(tiny_dataset_copy) -> None:
     for kind in tiny_dataset_copy.defect_types:
         for folder in ("test", "ground_truth"):

@@ -35,6 +35,7 @@ import torch
 from anomalib.data import Folder, MVTecAD
 from anomalib.data.dataclasses import ImageItem
 from anomalib.data.datasets.base.image import AnomalibDataset
+from anomalib.data.datasets.image.mvtecad import CATEGORIES as MVTEC_CATEGORIES
 from anomalib.data.datasets.image.mvtecad import IMG_EXTENSIONS as MVTEC_IMAGE_EXTENSIONS
 from anomalib.data.utils import LabelName, TestSplitMode, ValSplitMode, validate_and_resolve_path
 from PIL import Image
@@ -541,6 +542,23 @@ class SupervisedMVTecAD(SupervisedSplitMixin, MVTecAD):
             cutpaste_saturation,
             cutpaste_rotation_degrees,
         )
+
+    def prepare_data(self) -> None:
+        """Download MVTec AD only for one of its own categories; otherwise name the missing folder.
+
+        anomalib's ``MVTecAD`` downloads the whole dataset whenever ``root/category`` is missing,
+        which for a misspelt path or another dataset's category (e.g. MPDD's ``metal_plate``) means
+        a 5 GB download into the wrong place, or offline a network traceback.
+        """
+        category_dir = Path(self.root) / self.category
+        if not category_dir.is_dir() and self.category not in MVTEC_CATEGORIES:
+            msg = (
+                f"SupervisedMVTecAD: no folder {category_dir} and {self.category!r} is not an MVTec AD category "
+                f"that could be downloaded. Point `root` at the folder holding `{self.category}/` in MVTec AD "
+                "layout (train/good, test/<defect type>, ground_truth/<defect type>)."
+            )
+            raise FileNotFoundError(msg)
+        super().prepare_data()
 
     def _mask_pairing_problems(self) -> list[str]:
         category_dir = Path(self.root) / self.category
