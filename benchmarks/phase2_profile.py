@@ -1,0 +1,153 @@
+"""Where phase 2 (memory-bank construction) spends its time: APC vs anomalib's Patchcore, same process.
+
+Both models embed the same normal training images (MPDD metal_plate by default: 54 images) with a
+randomly initialised ResNet-50 at 256 px, and subsample the same number of patches. The phase is cut
+into its steps:
+
+- ``load``: reading, decoding and pre-processing the images (the dataloader and the pre-processor),
+- ``extract``: the CNN up to the deepest memory-bank stage,
+- ``aggregate``: 3x3 local averaging, upsampling, concatenation and the reshape to patch rows,
+- ``collect``: joining the per-batch patch rows into one matrix,
+- ``sample``: the random projection and the k-center-greedy coreset.
+
+Patchcore's steps are timed on its own modules (``feature_extractor``, ``feature_pooler``,
+``generate_embedding``, ``reshape_embedding``, ``torch.vstack`` and ``KCenterGreedy``, as its
+``subsample_embedding`` does); APC's on ``AnomalousPatchCoreModel`` and ``FastKCenterGreedy``. The
+coreset indices of both samplers are asserted identical (APC's encoder gets Patchcore's random weights,
+so both embed the same features). Each model embeds one batch untimed first. Run::
+
+    python benchmarks/phase2_profile.py [--root ../shared/datasets/mpdd] [--category metal_plate] \
+        [--image-size 256] [--ratios 0.1 0.01]
+"""
+
+import argparse
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from anomalib.models import Patchcore
+from anomalib.models.components.sampling import KCenterGreedy
+
+from anomalib_apc.data import SupervisedMVTecAD
+from anomalib_apc.models import AnomalousPatchCore
+from anomalib_apc.models.apc.torch_model import concatenate_releasing
+from anomalib_apc.sampling import FastKCenterGreedy
+
+DEFAULT_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "mpdd"
+STEPS = ("load", "extract", "aggregate", "collect", "sample")
+
+
+class StepTimer:
+    """Accumulates wall time per named step."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def step(self, name: str):  # noqa: ANN201 - a context manager
+        start = time.perf_counter()
+        yield
+        self.seconds[name] += time.perf_counter() - start
+
+
+def embed(model: torch.nn.Module, batches: list[torch.Tensor], timer: StepTimer) -> list[torch.Tensor]:
+    """Extract and aggregate patch rows batch by batch (the code path shared by both models)."""
+    rows = []
+    with torch.no_grad():
+        for images in batches:
+            with timer.step("extract"):
+                features = model.feature_extractor(images)
+            with timer.step("aggregate"):
+                pooled = {layer: model.feature_pooler(feature) for layer, feature in features.items()}
+                rows.append(model.reshape_embedding(model.generate_embedding(pooled)))
+    return rows
+
+
+def share_weights(patchcore: Patchcore, apc: AnomalousPatchCore) -> None:
+    """Give APC's encoder Patchcore's (random) weights, so both embed the same features.
+
+    Patchcore's timm extractor stops after its last memory-bank stage; APC's encoder is the whole timm
+    model, so every Patchcore tensor must find its place and only the deeper stages stay APC's own.
+    """
+    weights = {f"model.{name.removeprefix('feature_extractor.')}": tensor
+               for name, tensor in patchcore.model.feature_extractor.state_dict().items()}
+    unexpected = apc.model.feature_extractor.load_state_dict(weights, strict=False).unexpected_keys
+    if unexpected:
+        msg = f"Patchcore tensors without a place in APC's encoder: {unexpected[:5]}"
+        raise AssertionError(msg)
+
+
+def load_batches(datamodule: SupervisedMVTecAD, transform: Callable, timer: StepTimer) -> list[torch.Tensor]:
+    """Read the normal training images through the datamodule and pre-process them."""
+    with timer.step("load"):
+        return [transform(batch.image) for batch in datamodule.normal_train_dataloader()]
+
+
+def profile(args: argparse.Namespace, ratio: float) -> None:
+    """Time both phase-2 pipelines for one coreset ratio and print the table."""
+    size = (args.image_size, args.image_size)
+    datamodule = SupervisedMVTecAD(root=args.root, category=args.category, num_anomalies=0, eval_batch_size=8,
+                                   num_workers=0, seed=0)
+    datamodule.setup()
+    timers = {"anomalib Patchcore": StepTimer(), "APC": StepTimer()}
+
+    torch.manual_seed(0)
+    patchcore = Patchcore(backbone="resnet50", pre_trained=False, pre_processor=Patchcore.configure_pre_processor(size))
+    timer = timers["anomalib Patchcore"]
+    batches = load_batches(datamodule, patchcore.pre_processor.transform, timer)
+    embed(patchcore.model.eval(), batches[:1], StepTimer())  # warm-up: first calls allocate and pick kernels
+    rows = embed(patchcore.model, batches, timer)
+    with timer.step("collect"):
+        embedding = torch.vstack(rows)
+    del rows
+    with timer.step("sample"):
+        reference = KCenterGreedy(embedding, ratio)
+        torch.manual_seed(args.seed)
+        np.random.seed(args.seed)
+        reference_indices = reference.select_coreset_idxs()
+    del embedding, reference
+
+    apc = AnomalousPatchCore(backbone="resnet50", pre_trained=False,
+                             pre_processor=AnomalousPatchCore.configure_pre_processor(size))
+    share_weights(patchcore, apc)
+    timer = timers["APC"]
+    batches = load_batches(datamodule, apc.pre_processor.transform, timer)
+    embed(apc.model.eval(), batches[:1], StepTimer())
+    rows = embed(apc.model, batches, timer)
+    with timer.step("collect"):
+        embedding = concatenate_releasing(rows)
+    with timer.step("sample"):
+        indices = FastKCenterGreedy(embedding, ratio, seed=args.seed).select_coreset_idxs()
+    if indices != reference_indices:
+        msg = "FastKCenterGreedy chose other patches than KCenterGreedy"
+        raise AssertionError(msg)
+
+    print(f"\n{args.category}: {len(datamodule.normal_train_dataloader().dataset)} normal images, "
+          f"{embedding.shape[0]} x {embedding.shape[1]} patches, {args.image_size} px, coreset {ratio:.0%} "
+          f"({len(indices)} patches, identical indices)")
+    print(f"| step | {' | '.join(timers)} | ratio |")
+    print("|---|---|---|---|")
+    for name in (*STEPS, "total"):
+        base, ours = (sum(t.seconds.values()) if name == "total" else t.seconds[name] for t in timers.values())
+        print(f"| {name} | {base:.2f} s | {ours:.2f} s | {base / ours:.2f}x |")
+
+
+def main() -> None:
+    """Parse the arguments and profile every requested coreset ratio."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", type=Path, default=DEFAULT_ROOT)
+    parser.add_argument("--category", default="metal_plate")
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.01])
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    for ratio in args.ratios:
+        profile(args, ratio)
+
+
+if __name__ == "__main__":
+    main()
