@@ -1,4 +1,5 @@
-"""Writes the anomalib CLI configs of this folder: 15 MVTec AD categories x (APC, Patchcore) and the ablations.
+"""Writes the anomalib CLI configs of this folder: 15 MVTec AD categories x (APC, Patchcore), the ablations,
+and a CPU-sized APC config for MPDD metal_plate.
 
 The per-category files differ only in ``data.init_args.category``; they are generated so that each one
 is complete (``anomalib train --config configs/apc/mvtecad/pill.yaml`` needs nothing else) while the
@@ -91,6 +92,33 @@ images (the 10 training anomalies removed). AnomalousPatchCore with no auxiliary
 `anomalib-apc benchmark` compares against anomalib's `Patchcore` class itself.
 Run: anomalib train --config configs/patchcore/mvtecad/{category}.yaml"""
 
+MPDD_CPU_HEADER = """\
+AnomalousPatchCore on MPDD metal_plate (MVTec AD layout, ../shared/datasets/mpdd) sized for a CPU without
+downloadable weights: random initialisation, 3 fine-tuning epochs, 128 px; everything else as the
+MVTec AD configs (10 training anomalies, balanced sampling, CutPaste, 10 % coreset).
+Run: anomalib train --config configs/apc/mpdd/metal_plate_cpu.yaml"""
+IMAGENET_NORMALISATION = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+MPDD_CPU_IMAGE_SIZE = 128
+
+
+def _mpdd_cpu_config() -> dict[str, Any]:
+    """The MVTec AD APC config moved to MPDD metal_plate, with a 128 px pre-processor and no weights to fetch."""
+    pre_processor = {
+        "class_path": "anomalib.pre_processing.PreProcessor",
+        "init_args": {"transform": {"class_path": "torchvision.transforms.v2.Compose", "init_args": {"transforms": [
+            {"class_path": "torchvision.transforms.v2.Resize",
+             "init_args": {"size": [MPDD_CPU_IMAGE_SIZE, MPDD_CPU_IMAGE_SIZE], "antialias": True}},
+            {"class_path": "torchvision.transforms.v2.Normalize", "init_args": IMAGENET_NORMALISATION},
+        ]}}},
+    }
+    model_arguments = {**APC_MODEL["init_args"], "init_weights": None, "finetune_epochs": 3, "pre_processor": pre_processor}
+    config = _category_config({**APC_MODEL, "init_args": model_arguments}, "metal_plate")
+    config["data"]["init_args"] |= {"root": "../shared/datasets/mpdd", "num_workers": 2}
+    config["trainer"] = {"accelerator": "cpu"}
+    config["default_root_dir"] = "results/mpdd"
+    return config
+
+
 ABLATIONS: dict[str, tuple[str, dict[str, Any]]] = {
     "tasks_none": (
         "No auxiliary task: PatchCore on the MoCo v3 initialisation (ablation row 'none').",
@@ -127,11 +155,14 @@ ABLATIONS: dict[str, tuple[str, dict[str, Any]]] = {
 
 
 class _Dumper(yaml.SafeDumper):
-    """Block style for mappings, one-line lists (``layers: [layer2, layer3]``), as anomalib's examples."""
+    """Block style for mappings, one-line lists of plain values (``layers: [layer2, layer3]``), as anomalib's examples."""
 
 
 _Dumper.add_representer(
-    list, lambda dumper, data: dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=True)
+    list,
+    lambda dumper, data: dumper.represent_sequence(
+        "tag:yaml.org,2002:seq", data, flow_style=not any(isinstance(item, dict | list) for item in data)
+    ),
 )
 
 
@@ -155,6 +186,7 @@ def render_all() -> dict[Path, str]:
         files[Path("patchcore", "mvtecad", f"{category}.yaml")] = _document(
             PATCHCORE_HEADER.format(category=category), _category_config(PATCHCORE_MODEL, category)
         )
+    files[Path("apc", "mpdd", "metal_plate_cpu.yaml")] = _document(MPDD_CPU_HEADER, _mpdd_cpu_config())
     for name, (description, override) in ABLATIONS.items():
         usage = f"Use after a category config: anomalib train --config configs/apc/mvtecad/pill.yaml --config configs/ablations/{name}.yaml"
         files[Path("ablations", f"{name}.yaml")] = _document(f"{description}\n{usage}", override)

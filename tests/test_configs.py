@@ -91,3 +91,13 @@ def test_short_class_names_work_in_configs(parse, tmp_path: Path) -> None:
     config = parse("--config", str(path))
     assert config.model.class_path == "anomalib_apc.models.AnomalousPatchCore"
     assert config.data.class_path == "anomalib_apc.data.SupervisedMVTecAD"
+
+
+def test_mpdd_cpu_config_parses_with_its_128_px_pre_processor(parse) -> None:
+    config = parse("--config", str(CONFIGS / "apc" / "mpdd" / "metal_plate_cpu.yaml"))
+    assert config.data.init_args.category == "metal_plate"
+    assert config.model.init_args.pre_trained is False
+    assert config.model.init_args.init_weights is None
+    resize = config.model.init_args.pre_processor.init_args.transform.init_args.transforms[0]
+    assert resize.class_path == "torchvision.transforms.v2.Resize"
+    assert list(resize.init_args.size) == [128, 128]
