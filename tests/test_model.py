@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from anomalib.data import ImageBatch
 
 from anomalib_apc.models import AnomalousPatchCore, AnomalousPatchCoreModel
 from anomalib_apc.models.apc.loss import ApcLoss
@@ -133,3 +134,11 @@ def test_concatenate_releasing_matches_cat_and_empties_its_input() -> None:
     assert torch.equal(concatenate_releasing(chunks), expected)
     assert chunks == []
     assert concatenate_releasing([]).numel() == 0
+
+
+def test_anomalous_training_images_without_masks_are_named_with_the_fix(images: torch.Tensor) -> None:
+    model = AnomalousPatchCore(backbone="resnet18", pre_trained=False)
+    model.on_train_epoch_start()
+    batch = ImageBatch(image=images[:2], gt_label=torch.tensor([0, 1]), image_path=["good/000.png", "crack/001.png"])
+    with pytest.raises(ValueError, match=r"without masks \(\['crack/001.png'\]\).*drop 'segmentation'"):
+        model.training_step(batch)
