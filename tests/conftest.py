@@ -58,7 +58,7 @@ def tiny_dataset_copy(tiny_dataset: TinyDataset, tmp_path: Path) -> TinyDataset:
     return dataclasses.replace(tiny_dataset, root=root)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def mpdd_root() -> Path:
     """Root of the real MPDD data (``../shared/datasets/mpdd`` from the repository); skips when absent."""
     if not (MPDD_ROOT / "metal_plate").is_dir():
