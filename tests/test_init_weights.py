@@ -7,6 +7,7 @@ import timm
 import torch
 import torchvision
 
+from anomalib_apc.models import AnomalousPatchCore
 from anomalib_apc.models.apc import init_weights
 from anomalib_apc.models.apc.encoder import TimmEncoder
 from anomalib_apc.models.apc.init_weights import IncompatibleCheckpointError, PretrainedWeightsUnavailableError
@@ -106,13 +107,28 @@ def test_unreadable_checkpoints_name_the_file(tmp_path: Path, content: object, e
     assert str(path) in str(raised.value)
 
 
-def test_unreachable_hub_gives_one_actionable_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+@pytest.fixture
+def offline_hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No hub and an empty weights cache."""
     monkeypatch.setattr(init_weights, "_hub_reachable", lambda: False)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
+
+
+def test_unreachable_hub_gives_one_actionable_line(offline_hub) -> None:
     with pytest.raises(PretrainedWeightsUnavailableError) as raised:
         TimmEncoder("resnet18", LAYERS, pre_trained=True)
     message = str(raised.value)
     assert "\n" not in message
     assert "init_weights" in message and "pre_trained" in message
     assert raised.value.__cause__ is None and raised.value.__suppress_context__
+
+
+def test_model_without_hub_weights_is_built_for_checkpoints_and_refuses_to_train(offline_hub, caplog) -> None:
+    with caplog.at_level("WARNING"):
+        model = AnomalousPatchCore(backbone="resnet18", pre_trained=True)
+    assert "Cannot load pretrained weights for 'resnet18'" in caplog.text
+    with pytest.raises(PretrainedWeightsUnavailableError, match="pre_trained=False"):
+        model.on_fit_start()
+    model.on_load_checkpoint({})
+    model.on_fit_start()  # a checkpoint's weights replaced the missing ones

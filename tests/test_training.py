@@ -1,5 +1,6 @@
 """AnomalousPatchCore trained through anomalib's Engine on generated data: both phases, checkpoints, errors."""
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -154,3 +155,31 @@ def test_without_fine_tuning_it_is_plain_patchcore_on_normal_images(demo_root: P
     model = _model(finetune_epochs=0)
     _engine(tmp_path).fit(model=model, datamodule=_datamodule(demo_root, num_anomalies=0))
     assert model.model.memory_bank.shape[0] == NUM_TRAIN * (IMAGE_SIZE // 8) ** 2
+
+
+def test_missing_initial_weights_do_not_stop_loading_a_checkpoint(
+    trained: tuple[AnomalousPatchCore, Engine, EpochLosses], demo_root: Path, tmp_path: Path, caplog
+) -> None:
+    model, engine, _ = trained
+    checkpoint = tmp_path / "apc.ckpt"
+    engine.trainer.save_checkpoint(checkpoint)
+    absent = tmp_path / "weights_on_another_machine.pth"
+    with caplog.at_level(logging.WARNING, logger="anomalib_apc.models.apc.lightning_model"):
+        restored = AnomalousPatchCore.load_from_checkpoint(checkpoint, init_weights=absent, visualizer=False)
+    assert "loading a checkpoint works, training will stop" in caplog.text
+    datamodule = _datamodule(demo_root)
+    # As `anomalib test --ckpt_path`: the model is built from its arguments, then the trainer restores the checkpoint.
+    from_arguments = _model(init_weights=absent)
+    tested = _engine(tmp_path).test(model=from_arguments, datamodule=datamodule, ckpt_path=checkpoint, verbose=False)[0]
+    expected = engine.test(model=model, datamodule=datamodule, verbose=False)[0]
+    assert tested == expected
+    images = model.pre_processor.transform(next(iter(datamodule.test_dataloader())).image)
+    model.model.eval()
+    with torch.no_grad():
+        assert torch.equal(model.model(images).pred_score, restored.model.eval()(images).pred_score)
+
+
+def test_training_without_the_initial_weights_stops_with_the_reason(demo_root: Path, tmp_path: Path) -> None:
+    absent = tmp_path / "mocov3.pth.tar"
+    with pytest.raises(FileNotFoundError, match=r"init_weights file not found: .*mocov3\.pth\.tar"):
+        _engine(tmp_path).fit(model=_model(init_weights=absent), datamodule=_datamodule(demo_root))

@@ -41,6 +41,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .decoder import DecoderType
+from .init_weights import PretrainedWeightsUnavailableError
 from .loss import ApcLoss
 from .torch_model import TASKS, AnomalousPatchCoreModel, concatenate_releasing
 
@@ -55,7 +56,9 @@ class AnomalousPatchCore(MemoryBankMixin, AnomalibModule):
         layers: Encoder stages feeding the memory bank (``feature_info`` module names).
         pre_trained: Initialise the encoder with timm's ImageNet weights (needs the hub or its cache).
         init_weights: Local checkpoint to initialise the encoder from instead: torchvision or timm state
-            dict, or MoCo v3 checkpoint (the paper's initialisation).
+            dict, or MoCo v3 checkpoint (the paper's initialisation). When these initial weights cannot
+            be had (hub unreachable, file missing) the model is still built, with a warning, so that a
+            trained checkpoint can be loaded on a machine without them; training raises the error.
         init_weights_key_map: Regex -> replacement pairs applied to the checkpoint's key names first.
         decoder: ``"unet2"`` (skips from the memory-bank stages, the paper's choice) or ``"unet4"``.
         tasks: Auxiliary tasks, a subset of ``("classification", "segmentation", "reconstruction")``.
@@ -112,16 +115,21 @@ class AnomalousPatchCore(MemoryBankMixin, AnomalibModule):
         if not 0 < coreset_sampling_ratio <= 1:
             msg = f"coreset_sampling_ratio must be in (0, 1], got {coreset_sampling_ratio}."
             raise ValueError(msg)
-        self.model: AnomalousPatchCoreModel = AnomalousPatchCoreModel(
-            backbone=backbone,
-            layers=layers,
-            pre_trained=pre_trained,
-            init_weights=init_weights,
-            init_weights_key_map=init_weights_key_map,
-            decoder=decoder,
-            tasks=tasks,
-            num_neighbors=num_neighbors,
-        )
+        network = {"backbone": backbone, "layers": layers, "decoder": decoder, "tasks": tasks, "num_neighbors": num_neighbors}
+        self._initial_weights_error: PretrainedWeightsUnavailableError | FileNotFoundError | None = None
+        try:
+            self.model: AnomalousPatchCoreModel = AnomalousPatchCoreModel(
+                pre_trained=pre_trained, init_weights=init_weights, init_weights_key_map=init_weights_key_map, **network
+            )
+        except (PretrainedWeightsUnavailableError, FileNotFoundError) as error:
+            # A checkpoint (anomalib test/export --ckpt_path, load_from_checkpoint) replaces the initial
+            # weights anyway, so their absence only matters for training: on_fit_start raises it then.
+            self.model = AnomalousPatchCoreModel(pre_trained=False, init_weights=None, **network)
+            self._initial_weights_error = error
+            logger.warning(
+                "%s The encoder starts from random weights for now: loading a checkpoint works, training "
+                "will stop with this error.", error,
+            )
         self.loss = ApcLoss(dict(zip(TASKS, loss_weights, strict=True)))
         self.finetune_epochs = finetune_epochs
         self.learning_rate = learning_rate
@@ -154,6 +162,16 @@ class AnomalousPatchCore(MemoryBankMixin, AnomalibModule):
         if not self.fine_tunes:
             return None
         return torch.optim.AdamW(self.model.parameters(), lr=self.learning_rate, weight_decay=self.weight_decay)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """The checkpoint's weights replace the initial ones, so their absence no longer matters."""
+        super().on_load_checkpoint(checkpoint)
+        self._initial_weights_error = None
+
+    def on_fit_start(self) -> None:
+        """Refuse to train from random weights that stand in for initial weights that could not be loaded."""
+        if self._initial_weights_error is not None:
+            raise self._initial_weights_error
 
     def on_train_start(self) -> None:
         """Refuse a one-class training set before spending an epoch on it; put every layer in train mode.
