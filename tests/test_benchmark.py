@@ -200,6 +200,12 @@ def test_unavailable_pretrained_weights_give_one_notice(monkeypatch: pytest.Monk
     assert "same random initialisation" in initialisation.notice
 
 
+def test_missing_init_weights_stop_the_benchmark_before_any_run(tmp_path: Path) -> None:
+    absent = tmp_path / "mocov3.pth.tar"
+    with pytest.raises(FileNotFoundError, match=r"init_weights file not found: .*mocov3\.pth\.tar"):
+        resolve_initialisation(BenchmarkSettings(init_weights=absent).resolved())
+
+
 def test_differing_test_sets_are_refused() -> None:
     patchcore = ModelRun(PATCHCORE, "demo", 0, test_image_paths=["a.png", "b.png"])
     apc = ModelRun(APC, "demo", 0, test_image_paths=["a.png", "c.png"])

@@ -189,8 +189,15 @@ def resolve_initialisation(settings: BenchmarkSettings) -> Initialisation:
 
     Asking the hub once here (it fails within seconds when offline) keeps every later model creation
     offline and makes the fallback to random weights one clear notice instead of a failure per run.
+
+    Raises:
+        FileNotFoundError: ``init_weights`` does not exist.
+        IncompatibleCheckpointError: ``init_weights`` does not fit the backbone.
     """
     if settings.init_weights is not None:
+        # Read once here: APC defers a missing file to its training, and Patchcore copies APC's weights,
+        # so without this check Patchcore would run on random weights labelled as the checkpoint's.
+        create_encoder_backbone(settings.backbone, pre_trained=False, init_weights=settings.init_weights)
         return Initialisation(False, settings.init_weights, f"checkpoint {settings.init_weights}")
     if not settings.pre_trained:
         return Initialisation(False, None, "random (--no-pretrained)")
