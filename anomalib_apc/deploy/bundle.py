@@ -368,7 +368,9 @@ def _export_approximate_index(
         report: RecallReport = measure_recall(approximate, BruteForceSearch(exact_index), query_patches, "calibration image patches")
     else:
         report = held_out_recall(vectors, recipe)
-    logger.warning(
+    # Misses change scores, so they are worth a warning; a perfect recall is just information.
+    logger.log(
+        logging.WARNING if report.recall_at_1 < 1 else logging.INFO,
         "%s index: recall@1 %.4f against exact search, nearest distances %.2e larger on average (%d queries: %s).",
         index_type, report.recall_at_1, report.mean_relative_distance_error, report.queries, report.query_source,
     )
