@@ -13,8 +13,8 @@ into its steps:
 Patchcore's steps are timed on its own modules (``feature_extractor``, ``feature_pooler``,
 ``generate_embedding``, ``reshape_embedding``, ``torch.vstack`` and ``KCenterGreedy``, as its
 ``subsample_embedding`` does); APC's on ``AnomalousPatchCoreModel`` and ``FastKCenterGreedy``. The
-coreset indices of both samplers are asserted identical (APC's encoder gets Patchcore's random weights,
-so both embed the same features). Each model embeds one batch untimed first. Run::
+coreset indices of both samplers are asserted identical (Patchcore's extractor gets APC's random encoder
+weights, as in the benchmark, so both embed the same features). Each model embeds one batch untimed first. Run::
 
     python benchmarks/phase2_profile.py [--root ../shared/datasets/mpdd] [--category metal_plate] \
         [--image-size 256] [--ratios 0.1 0.01]
@@ -32,6 +32,7 @@ import torch
 from anomalib.models import Patchcore
 from anomalib.models.components.sampling import KCenterGreedy
 
+from anomalib_apc.benchmark.runner import copy_initial_weights
 from anomalib_apc.data import SupervisedMVTecAD
 from anomalib_apc.models import AnomalousPatchCore
 from anomalib_apc.models.apc.torch_model import concatenate_releasing
@@ -67,20 +68,6 @@ def embed(model: torch.nn.Module, batches: list[torch.Tensor], timer: StepTimer)
     return rows
 
 
-def share_weights(patchcore: Patchcore, apc: AnomalousPatchCore) -> None:
-    """Give APC's encoder Patchcore's (random) weights, so both embed the same features.
-
-    Patchcore's timm extractor stops after its last memory-bank stage; APC's encoder is the whole timm
-    model, so every Patchcore tensor must find its place and only the deeper stages stay APC's own.
-    """
-    weights = {f"model.{name.removeprefix('feature_extractor.')}": tensor
-               for name, tensor in patchcore.model.feature_extractor.state_dict().items()}
-    unexpected = apc.model.feature_extractor.load_state_dict(weights, strict=False).unexpected_keys
-    if unexpected:
-        msg = f"Patchcore tensors without a place in APC's encoder: {unexpected[:5]}"
-        raise AssertionError(msg)
-
-
 def load_batches(datamodule: SupervisedMVTecAD, transform: Callable, timer: StepTimer) -> list[torch.Tensor]:
     """Read the normal training images through the datamodule and pre-process them."""
     with timer.step("load"):
@@ -97,6 +84,9 @@ def profile(args: argparse.Namespace, ratio: float) -> None:
 
     torch.manual_seed(0)
     patchcore = Patchcore(backbone="resnet50", pre_trained=False, pre_processor=Patchcore.configure_pre_processor(size))
+    apc = AnomalousPatchCore(backbone="resnet50", pre_trained=False,
+                             pre_processor=AnomalousPatchCore.configure_pre_processor(size))
+    copy_initial_weights(apc, patchcore)
     timer = timers["anomalib Patchcore"]
     batches = load_batches(datamodule, patchcore.pre_processor.transform, timer)
     embed(patchcore.model.eval(), batches[:1], StepTimer())  # warm-up: first calls allocate and pick kernels
@@ -111,9 +101,6 @@ def profile(args: argparse.Namespace, ratio: float) -> None:
         reference_indices = reference.select_coreset_idxs()
     del embedding, reference
 
-    apc = AnomalousPatchCore(backbone="resnet50", pre_trained=False,
-                             pre_processor=AnomalousPatchCore.configure_pre_processor(size))
-    share_weights(patchcore, apc)
     timer = timers["APC"]
     batches = load_batches(datamodule, apc.pre_processor.transform, timer)
     embed(apc.model.eval(), batches[:1], StepTimer())
