@@ -33,8 +33,8 @@ from anomalib.pre_processing import PreProcessor
 from torchvision.transforms.v2.functional import resize
 
 from .images import ImageInput, to_image_tensors
-from .options import SEARCH_MODES, SearchMode
 from .metadata import GRAPH_FILE, MEMORY_BANK_FILE, BundleMetadata, read_metadata
+from .options import SEARCH_MODES, SearchMode
 from .search import (
     ApproximateSearch,
     BoundedExactSearch,
@@ -46,7 +46,6 @@ from .search import (
 )
 
 logger = logging.getLogger(__name__)
-
 
 
 def available_cpus() -> int:
