@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from anomalib_apc import __version__
 from anomalib_apc.models import AnomalousPatchCore, AnomalousPatchCoreModel
+from anomalib_apc.models.apc.normal_images import normal_training_images
 
 from .images import list_image_files, read_image_file
 from .inferencer import ApcInferencer
@@ -258,15 +259,9 @@ def _calibration_images(
 
 
 def _datamodule_images(datamodule: AnomalibDataModule) -> Iterator[torch.Tensor]:
-    """The datamodule's normal training images (all training images if it cannot tell them apart)."""
+    """The datamodule's normal training images, read as the model's memory bank reads them."""
     datamodule.setup("fit")
-    if hasattr(datamodule, "normal_train_dataloader"):
-        loader = datamodule.normal_train_dataloader()
-    else:
-        loader = datamodule.train_dataloader()
-    for batch in loader:
-        normal = batch.image if batch.gt_label is None else batch.image[batch.gt_label == 0]
-        yield normal
+    return normal_training_images(datamodule)
 
 
 def _check_output(directory: Path, overwrite: bool) -> None:

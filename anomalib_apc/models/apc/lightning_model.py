@@ -43,6 +43,7 @@ from tqdm import tqdm
 from .decoder import DecoderType
 from .init_weights import PretrainedWeightsUnavailableError
 from .loss import ApcLoss
+from .normal_images import normal_training_images
 from .torch_model import TASKS, AnomalousPatchCoreModel, concatenate_releasing
 
 logger = logging.getLogger(__name__)
@@ -261,21 +262,9 @@ class AnomalousPatchCore(MemoryBankMixin, AnomalibModule):
         self.model.train(was_training)
 
     def _normal_training_images(self) -> Iterator[torch.Tensor]:
-        """Raw image batches of real normal training images only.
-
-        A supervised datamodule offers ``normal_train_dataloader`` (no CutPaste, no oversampling); for
-        any other, the training dataloader is read and every image not labelled normal is left out.
-        """
+        """Raw image batches of the real normal training images only (see :mod:`.normal_images`)."""
         datamodule = getattr(self.trainer, "datamodule", None)
-        if hasattr(datamodule, "normal_train_dataloader"):
-            dataloader = datamodule.normal_train_dataloader()
-        else:
-            logger.info("The datamodule has no normal_train_dataloader; keeping the label-0 images of training batches.")
-            dataloader = self.trainer.train_dataloader
-        for batch in dataloader:
-            normal = torch.ones(len(batch.image), dtype=torch.bool) if batch.gt_label is None else batch.gt_label.cpu() == 0
-            if bool(normal.any()):
-                yield batch.image[normal.to(batch.image.device)]
+        return normal_training_images(datamodule, fallback=None if datamodule is not None else self.trainer.train_dataloader)
 
     def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """PatchCore scores and anomaly maps for the batch."""

@@ -1,0 +1,30 @@
+"""The project's own errors: one base class, so that a command line can report them in one line.
+
+A user error (bad input, a missing file, an unusable setting) is an :class:`ApcError`. The concrete
+classes also derive from the built-in exception a Python caller would expect (``ValueError``,
+``FileNotFoundError``, ...), so code that catches those keeps working. Anything else (a torch
+out-of-memory, a genuine bug) is not an ``ApcError`` and keeps its traceback.
+
+This module is the bottom of the import graph: every layer may import it, it imports nothing of
+the project.
+"""
+
+
+class ApcError(Exception):
+    """Base class of every error that anomalib-apc raises about its inputs or settings."""
+
+
+class InvalidInputError(ApcError, ValueError):
+    """An argument, setting or file content that cannot be used; the message names which."""
+
+
+class MissingInputError(ApcError, FileNotFoundError):
+    """A file or folder that is needed but absent; the message names it."""
+
+
+class OutputExistsError(ApcError, FileExistsError):
+    """An output that exists already and would be overwritten without ``--overwrite``."""
+
+
+class InterruptedRunError(ApcError, RuntimeError):
+    """A run stopped by a signal (SIGTERM, SIGINT) before it finished; nothing complete was written."""
