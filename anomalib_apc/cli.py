@@ -1,17 +1,22 @@
 """The ``anomalib-apc`` console script: ``benchmark``, ``export-bundle`` and ``predict``.
 
-Only parses arguments and hands them to the packages that do the work; errors that a user can fix
-(missing weights, bad files) are printed as one line instead of a traceback.
+Only parses arguments and hands them to the packages that do the work. Errors that a user can fix
+(an :class:`~anomalib_apc.errors.ApcError`: a bad argument, a missing or existing file; or a file
+error from the operating system) are printed as one line and exit status 2; ``-v`` adds their
+traceback. Anything else (a torch out-of-memory, a bug) keeps Python's traceback, so it can be reported.
 """
 
 import argparse
 import logging
 import sys
+import traceback
 from collections.abc import Sequence
 
 from anomalib_apc import __version__
+from anomalib_apc.errors import ApcError
 
-USER_ERRORS = (FileNotFoundError, FileExistsError, ValueError, RuntimeError)
+USER_ERRORS = (ApcError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
+USER_ERROR_STATUS = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="anomalib-apc", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log at INFO level, and print the traceback of a user error")
     commands = parser.add_subparsers(dest="command", required=True)
     for name, help_text, add_arguments, run in (
         ("benchmark", "train Patchcore and APC on one split and compare them", add_benchmark_arguments, run_benchmark),
@@ -41,15 +47,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the console script; returns the process exit code."""
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+def run_command(args: argparse.Namespace) -> int:
+    """Runs a parsed command (``args.run``) and returns its exit status.
+
+    A user error becomes one line on stderr and :data:`USER_ERROR_STATUS`, with its traceback before it
+    when ``args.verbose``; every other exception propagates.
+    """
     try:
         return int(args.run(args) or 0)
     except USER_ERRORS as error:
+        if args.verbose:
+            traceback.print_exception(error, file=sys.stderr)
         print(f"anomalib-apc {args.command}: error: {error}", file=sys.stderr)
-        return 2
+        return USER_ERROR_STATUS
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script; returns the process exit code."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    return run_command(args)
 
 
 if __name__ == "__main__":

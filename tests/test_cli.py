@@ -1,0 +1,85 @@
+"""The ``anomalib-apc`` console script: user errors are one line and exit status 2, anything else a traceback."""
+
+import argparse
+from pathlib import Path
+
+import pytest
+import torch
+
+from anomalib_apc.cli import USER_ERROR_STATUS, main, run_command
+from anomalib_apc.errors import InterruptedRunError, InvalidInputError, MissingInputError, OutputExistsError
+
+
+def _command_raising(error: BaseException, verbose: bool = False) -> argparse.Namespace:
+    """Parsed arguments of a command ``fake`` whose run raises ``error``."""
+
+    def run(args: argparse.Namespace) -> int:
+        del args
+        raise error
+
+    return argparse.Namespace(command="fake", verbose=verbose, run=run)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        InvalidInputError("--batch-size must be at least 1, got 0."),
+        MissingInputError("weights.pth: no such file."),
+        OutputExistsError("bundle exists; pass --overwrite."),
+        InterruptedRunError("stopped by SIGTERM."),
+        FileNotFoundError("images/: no such folder."),
+        FileExistsError("results/ exists."),
+        PermissionError("results/: permission denied."),
+        IsADirectoryError("scores.csv is a folder."),
+        NotADirectoryError("bundle is a file."),
+    ],
+    ids=lambda error: type(error).__name__,
+)
+def test_user_error_is_one_line_and_status_2(error: Exception, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_command(_command_raising(error)) == USER_ERROR_STATUS == 2
+    captured = capsys.readouterr()
+    assert captured.err == f"anomalib-apc fake: error: {error}\n"
+    assert captured.out == ""
+
+
+@pytest.mark.parametrize(
+    "error",
+    [RuntimeError("a bug"), ValueError("a bug"), torch.OutOfMemoryError("CPU ran out of memory"), KeyError("field")],
+    ids=lambda error: type(error).__name__,
+)
+def test_other_errors_propagate_with_their_traceback(error: Exception, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(type(error)) as raised:
+        run_command(_command_raising(error))
+    assert raised.value is error
+    assert capsys.readouterr().err == ""
+
+
+def test_verbose_prints_the_traceback_of_a_user_error_before_the_line(capsys: pytest.CaptureFixture[str]) -> None:
+    error = InvalidInputError("--threads must be positive, got -1.")
+    assert run_command(_command_raising(error, verbose=True)) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "Traceback (most recent call last):"
+    assert "raise error" in "\n".join(lines)
+    assert lines[-2] == "anomalib_apc.errors.InvalidInputError: --threads must be positive, got -1."
+    assert lines[-1] == "anomalib-apc fake: error: --threads must be positive, got -1."
+
+
+def test_status_of_the_command_is_the_exit_status() -> None:
+    args = argparse.Namespace(command="fake", verbose=False, run=lambda args: 1)
+    assert run_command(args) == 1
+    args.run = lambda args: None
+    assert run_command(args) == 0
+
+
+@pytest.mark.parametrize("verbose", [False, True], ids=["quiet", "verbose"])
+def test_predict_with_a_missing_bundle_is_a_user_error(
+    verbose: bool, tiny_dataset, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "no_bundle"
+    argv = ["predict", "--bundle", str(missing), "--output", str(tmp_path / "out"), str(tiny_dataset.category_dir)]
+    assert main(["-v", *argv] if verbose else argv) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[-1].startswith("anomalib-apc predict: error: ")
+    assert str(missing) in lines[-1]
+    assert ("Traceback (most recent call last):" in lines) is verbose
+    assert not (tmp_path / "out").exists()
