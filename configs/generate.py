@@ -111,7 +111,9 @@ def _mpdd_cpu_config() -> dict[str, Any]:
             {"class_path": "torchvision.transforms.v2.Normalize", "init_args": IMAGENET_NORMALISATION},
         ]}}},
     }
-    model_arguments = {**APC_MODEL["init_args"], "init_weights": None, "finetune_epochs": 3, "pre_processor": pre_processor}
+    model_arguments = {
+        **APC_MODEL["init_args"], "init_weights": None, "finetune_epochs": 3, "pre_processor": pre_processor,
+    }
     config = _category_config({**APC_MODEL, "init_args": model_arguments}, "metal_plate")
     config["data"]["init_args"] |= {"root": "../shared/datasets/mpdd", "num_workers": 2}
     config["trainer"] = {"accelerator": "cpu"}
@@ -155,7 +157,10 @@ ABLATIONS: dict[str, tuple[str, dict[str, Any]]] = {
 
 
 class _Dumper(yaml.SafeDumper):
-    """Block style for mappings, one-line lists of plain values (``layers: [layer2, layer3]``), as anomalib's examples."""
+    """Block style for mappings, one-line lists of plain values (``layers: [layer2, layer3]``).
+
+    The style of anomalib's own example configs.
+    """
 
 
 _Dumper.add_representer(
@@ -188,7 +193,8 @@ def render_all() -> dict[Path, str]:
         )
     files[Path("apc", "mpdd", "metal_plate_cpu.yaml")] = _document(MPDD_CPU_HEADER, _mpdd_cpu_config())
     for name, (description, override) in ABLATIONS.items():
-        usage = f"Use after a category config: anomalib train --config configs/apc/mvtecad/pill.yaml --config configs/ablations/{name}.yaml"
+        usage = ("Use after a category config: anomalib train --config configs/apc/mvtecad/pill.yaml "
+                 f"--config configs/ablations/{name}.yaml")
         files[Path("ablations", f"{name}.yaml")] = _document(f"{description}\n{usage}", override)
     return files
 
