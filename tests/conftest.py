@@ -1,14 +1,37 @@
-"""Shared pytest fixtures.
+"""Shared pytest fixtures, and the split of the suite into a fast unit half and an integration half.
+
+Running the fast half: ``pytest -m "not integration"`` runs the unit tests only (seconds to a couple of
+minutes on a laptop CPU); ``pytest -m integration`` runs the other half and plain ``pytest`` runs both.
+A test is ``integration`` when it trains a model, runs a subprocess (a console script, a notebook kernel)
+or a benchmark; mark it with ``@pytest.mark.integration``. Tests that use the ``train_tiny_apc``
+fixture, directly or through another fixture, are marked automatically.
 
 Data fixtures: a tiny generated dataset in MVTec AD layout (64 px, made once per session) and the
 location of the real MPDD ``metal_plate`` data, which tests skip without.
+
+Model fixture: ``train_tiny_apc``, the one way the suite trains a small AnomalousPatchCore through
+anomalib's Engine; :func:`tiny_apc_model` and :func:`tiny_engine` are its two halves, for tests that
+build or fit differently.
 """
+
+from __future__ import annotations
 
 import dataclasses
 import shutil
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from anomalib.data import AnomalibDataModule
+    from anomalib.engine import Engine
+    from lightning.pytorch.callbacks import Callback
+
+    from anomalib_apc.models import AnomalousPatchCore
+
+pytest_plugins = ("pytester",)  # tests/test_suite_split.py runs pytest on a made-up test file
 
 MPDD_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "mpdd"
 
@@ -64,3 +87,82 @@ def mpdd_root() -> Path:
     if not (MPDD_ROOT / "metal_plate").is_dir():
         pytest.skip(f"MPDD metal_plate is not at {MPDD_ROOT} (../shared/datasets/mpdd next to the repository)")
     return MPDD_ROOT
+
+
+TINY_IMAGE_SIZE = 64
+
+
+def tiny_apc_model(image_size: int = TINY_IMAGE_SIZE, **overrides: object) -> AnomalousPatchCore:
+    """An AnomalousPatchCore small enough for the suite: random-initialised ResNet-18, 64 px, one epoch.
+
+    ``image_size`` sets the pre-processor's square size; ``overrides`` replace any of the other
+    defaults or add constructor arguments.
+    """
+    from anomalib_apc.models import AnomalousPatchCore
+
+    arguments: dict[str, object] = {
+        "backbone": "resnet18",
+        "pre_trained": False,
+        "finetune_epochs": 1,
+        "coreset_sampling_ratio": 0.5,
+        "visualizer": False,
+        "pre_processor": AnomalousPatchCore.configure_pre_processor(image_size=(image_size, image_size)),
+    }
+    return AnomalousPatchCore(**(arguments | overrides))
+
+
+def tiny_engine(root: Path, callbacks: Sequence[Callback] = ()) -> Engine:
+    """anomalib's Engine on the CPU, writing under ``root``, without a logger or progress bar."""
+    from anomalib.engine import Engine
+
+    return Engine(default_root_dir=root, logger=False, accelerator="cpu", enable_progress_bar=False,
+                  callbacks=list(callbacks))
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedRun:
+    """What :func:`train_tiny_apc` gives back: the fitted model, its best checkpoint and the engine."""
+
+    model: AnomalousPatchCore
+    checkpoint_path: Path
+    engine: Engine
+
+
+TrainTinyApc = Callable[..., TrainedRun]
+
+
+@pytest.fixture(scope="session")
+def train_tiny_apc(tmp_path_factory: pytest.TempPathFactory) -> TrainTinyApc:
+    """A factory that fits a tiny AnomalousPatchCore on a datamodule with anomalib's Engine.
+
+    ``train_tiny_apc(datamodule, callbacks=(), model=None, **overrides) -> TrainedRun``: seeds torch
+    with 0, builds :func:`tiny_apc_model` with ``overrides`` (or takes a ``model`` the caller built
+    and seeded), fits it in a fresh run folder and returns the run. Tests that use it are marked
+    ``integration``.
+    """
+
+    def train(
+        datamodule: AnomalibDataModule,
+        callbacks: Sequence[Callback] = (),
+        model: AnomalousPatchCore | None = None,
+        **overrides: object,
+    ) -> TrainedRun:
+        import torch
+
+        if model is None:
+            torch.manual_seed(0)
+            model = tiny_apc_model(**overrides)
+        elif overrides:
+            raise TypeError(f"pass either a model or constructor overrides, not both: {sorted(overrides)}")
+        engine = tiny_engine(tmp_path_factory.mktemp("run"), callbacks)
+        engine.fit(model=model, datamodule=datamodule)
+        return TrainedRun(model, Path(engine.trainer.checkpoint_callback.best_model_path), engine)
+
+    return train
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Marks every test that trains through ``train_tiny_apc`` (directly or via a fixture) as integration."""
+    for item in items:
+        if "train_tiny_apc" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.integration)

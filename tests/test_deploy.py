@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 import torch
 from anomalib.data import ImageBatch
-from anomalib.engine import Engine
 from PIL import Image
 
 from anomalib_apc.cli import main as apc_main
@@ -43,21 +42,14 @@ ANOMALY_MAP_TOLERANCE = 1e-3  # absolute difference over the map's peak, raw ano
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_dataset, tmp_path_factory: pytest.TempPathFactory) -> tuple[AnomalousPatchCore, Path]:
+def trained(tiny_dataset, train_tiny_apc) -> tuple[AnomalousPatchCore, Path]:
     """A fine-tuned, validated model and its Lightning checkpoint."""
-    torch.manual_seed(0)
     datamodule = SupervisedMVTecAD(
         root=tiny_dataset.root, category=tiny_dataset.category, num_anomalies=3, train_batch_size=4,
         eval_batch_size=8, num_workers=0, seed=0,
     )
-    model = AnomalousPatchCore(
-        backbone="resnet18", pre_trained=False, finetune_epochs=1, coreset_sampling_ratio=0.5, visualizer=False,
-        pre_processor=AnomalousPatchCore.configure_pre_processor(image_size=(IMAGE_SIZE, IMAGE_SIZE)),
-    )
-    engine = Engine(default_root_dir=tmp_path_factory.mktemp("run"), logger=False, accelerator="cpu",
-                    enable_progress_bar=False)
-    engine.fit(model=model, datamodule=datamodule)
-    return model.eval(), Path(engine.trainer.checkpoint_callback.best_model_path)
+    run = train_tiny_apc(datamodule, image_size=IMAGE_SIZE)
+    return run.model.eval(), run.checkpoint_path
 
 
 @pytest.fixture(scope="module")

@@ -10,28 +10,20 @@ import numpy as np
 import openvino as ov
 import pytest
 import torch
-from anomalib.engine import Engine
 
 from anomalib_apc.models import AnomalousPatchCore
 
 IMAGE_SIZE = 64
 
 @pytest.fixture(scope="module")
-def checkpoint(tiny_dataset, tmp_path_factory: pytest.TempPathFactory) -> tuple[AnomalousPatchCore, Path]:
+def checkpoint(tiny_dataset, train_tiny_apc) -> tuple[AnomalousPatchCore, Path]:
     """A plain (not fine-tuned) model: the export path does not depend on the training phase."""
     from anomalib.data import MVTecAD
 
-    torch.manual_seed(0)
     datamodule = MVTecAD(root=tiny_dataset.root, category=tiny_dataset.category, train_batch_size=8,
                          eval_batch_size=8, num_workers=0)
-    model = AnomalousPatchCore(
-        backbone="resnet18", pre_trained=False, tasks=(), finetune_epochs=0, coreset_sampling_ratio=0.5,
-        visualizer=False, pre_processor=AnomalousPatchCore.configure_pre_processor(image_size=(IMAGE_SIZE, IMAGE_SIZE)),
-    )
-    engine = Engine(default_root_dir=tmp_path_factory.mktemp("run"), logger=False, accelerator="cpu",
-                    enable_progress_bar=False)
-    engine.fit(model=model, datamodule=datamodule)
-    return model.eval(), Path(engine.trainer.checkpoint_callback.best_model_path)
+    run = train_tiny_apc(datamodule, image_size=IMAGE_SIZE, tasks=(), finetune_epochs=0)
+    return run.model.eval(), run.checkpoint_path
 
 
 def _anomalib_export(export_type: str, checkpoint: Path, export_root: Path) -> None:

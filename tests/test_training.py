@@ -6,6 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 from anomalib.engine import Engine
+from conftest import tiny_apc_model
+from conftest import tiny_engine as _engine
 from lightning.pytorch.callbacks import Callback
 
 from anomalib_apc.data import SupervisedMVTecAD, make_demo_dataset
@@ -30,21 +32,8 @@ def _datamodule(root: Path, num_anomalies: int = 3) -> SupervisedMVTecAD:
 
 
 def _model(**kwargs: object) -> AnomalousPatchCore:
-    arguments = {
-        "backbone": "resnet18",
-        "pre_trained": False,
-        "finetune_epochs": 2,
-        "learning_rate": 1e-3,
-        "coreset_sampling_ratio": 1.0,
-        "pre_processor": AnomalousPatchCore.configure_pre_processor(image_size=(IMAGE_SIZE, IMAGE_SIZE)),
-        "visualizer": False,
-    }
-    return AnomalousPatchCore(**(arguments | kwargs))
-
-
-def _engine(root: Path, callbacks: list[Callback] | None = None) -> Engine:
-    return Engine(default_root_dir=root, logger=False, accelerator="cpu", enable_progress_bar=False,
-                  callbacks=callbacks or [])
+    arguments = {"image_size": IMAGE_SIZE, "finetune_epochs": 2, "learning_rate": 1e-3, "coreset_sampling_ratio": 1.0}
+    return tiny_apc_model(**(arguments | kwargs))
 
 
 class EpochLosses(Callback):
@@ -76,15 +65,14 @@ def training_modes() -> TrainingModes:
 
 @pytest.fixture(scope="module")
 def trained(
-    demo_root: Path, tmp_path_factory: pytest.TempPathFactory, training_modes: TrainingModes
+    demo_root: Path, train_tiny_apc, training_modes: TrainingModes
 ) -> tuple[AnomalousPatchCore, Engine, EpochLosses]:
     torch.manual_seed(0)
     losses = EpochLosses()
-    engine = _engine(tmp_path_factory.mktemp("run"), [losses, training_modes])
     model = _model()
     model.eval()  # as after an inference warm-up: fine-tuning must still update batch-norm statistics
-    engine.fit(model=model, datamodule=_datamodule(demo_root))
-    return model, engine, losses
+    run = train_tiny_apc(_datamodule(demo_root), callbacks=[losses, training_modes], model=model)
+    return run.model, run.engine, losses
 
 
 def test_fine_tuning_runs_every_layer_in_train_mode(trained, training_modes: TrainingModes) -> None:
