@@ -7,8 +7,6 @@ real images (supervised split, both phases, anomalib's evaluator), not the accur
 from pathlib import Path
 
 import pytest
-import torch
-from anomalib.engine import Engine
 
 from anomalib_apc.data import SupervisedMVTecAD
 from anomalib_apc.models import AnomalousPatchCore
@@ -17,21 +15,17 @@ IMAGE_SIZE = 64
 NORMAL_TRAIN_IMAGES = 54
 CORESET_RATIO = 0.1
 
+# Trains on the real data.
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture(scope="module")
-def mpdd_run(mpdd_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[AnomalousPatchCore, dict]:
-    torch.manual_seed(0)
-    datamodule = SupervisedMVTecAD(root=mpdd_root, category="metal_plate", num_anomalies=10, seed=0, train_batch_size=16,
-                                   eval_batch_size=32, num_workers=0)
-    model = AnomalousPatchCore(
-        backbone="resnet18", pre_trained=False, finetune_epochs=1, coreset_sampling_ratio=CORESET_RATIO,
-        visualizer=False, pre_processor=AnomalousPatchCore.configure_pre_processor(image_size=(IMAGE_SIZE, IMAGE_SIZE)),
-    )
-    engine = Engine(default_root_dir=tmp_path_factory.mktemp("mpdd"), logger=False, accelerator="cpu",
-                    enable_progress_bar=False)
-    engine.fit(model=model, datamodule=datamodule)
-    metrics = engine.test(model=model, datamodule=datamodule, verbose=False)[0]
-    return model, metrics
+def mpdd_run(mpdd_root: Path, train_tiny_apc) -> tuple[AnomalousPatchCore, dict]:
+    datamodule = SupervisedMVTecAD(root=mpdd_root, category="metal_plate", num_anomalies=10, seed=0,
+                                   train_batch_size=16, eval_batch_size=32, num_workers=0)
+    run = train_tiny_apc(datamodule, image_size=IMAGE_SIZE, coreset_sampling_ratio=CORESET_RATIO)
+    metrics = run.engine.test(model=run.model, datamodule=datamodule, verbose=False)[0]
+    return run.model, metrics
 
 
 def test_memory_bank_is_a_coreset_of_the_normal_training_patches(mpdd_run) -> None:

@@ -8,6 +8,9 @@ from nbclient import NotebookClient
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "apc_end_to_end.ipynb"
 
+# Runs the notebook in a Jupyter kernel, training both models.
+pytestmark = pytest.mark.integration
+
 
 def test_notebook_runs_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("APC_NOTEBOOK_IMAGE_SIZE", "64")

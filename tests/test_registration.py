@@ -4,9 +4,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Every test starts a fresh Python process.
+pytestmark = pytest.mark.integration
 
 
 def _anomalib_cli(*args: str) -> subprocess.CompletedProcess:
