@@ -12,7 +12,8 @@ from lightning.pytorch import Trainer
 from PIL import Image
 
 from anomalib_apc.data import SPLIT_FILE_NAME, SupervisedFolder, SupervisedMVTecAD, select_anomalies
-from anomalib_apc.data.supervised import TrainDrawSampler, defect_type_of
+from anomalib_apc.data.sampler import TrainDrawSampler
+from anomalib_apc.data.split import defect_type_of
 
 
 def make_datamodule(dataset, **overrides) -> SupervisedMVTecAD:
@@ -148,7 +149,7 @@ def test_normal_train_dataloader_serves_real_normal_images_in_a_fixed_order(tiny
 
 
 def test_zero_anomalies_behaves_like_the_one_class_datamodule(tiny_dataset, caplog) -> None:
-    with caplog.at_level(logging.INFO, logger="anomalib_apc.data.supervised"):
+    with caplog.at_level(logging.INFO, logger="anomalib_apc.data"):
         datamodule = set_up(tiny_dataset, num_anomalies=0)
     plain = MVTecAD(root=tiny_dataset.root, category=tiny_dataset.category, num_workers=0)
     plain.setup()
@@ -198,7 +199,7 @@ def test_more_anomalies_than_available_is_an_error(tiny_dataset) -> None:
 
 
 def test_all_anomalies_is_allowed_with_a_warning(tiny_dataset, caplog) -> None:
-    with caplog.at_level(logging.WARNING, logger="anomalib_apc.data.supervised"):
+    with caplog.at_level(logging.WARNING, logger="anomalib_apc.data"):
         datamodule = set_up(tiny_dataset, num_anomalies=tiny_dataset.test_anomalous)
     assert "the test set keeps none" in caplog.text
     assert not datamodule.test_data.has_anomalous
@@ -260,7 +261,7 @@ def test_training_anomaly_with_empty_mask_is_explained_and_never_cut(tiny_datase
     for path in (tiny_dataset_copy.category_dir / "ground_truth" / "scratch").iterdir():
         Image.new("L", (64, 64)).save(path)
     datamodule = set_up(tiny_dataset_copy)
-    with caplog.at_level(logging.WARNING, logger="anomalib_apc.data.supervised"):
+    with caplog.at_level(logging.WARNING, logger="anomalib_apc.data"):
         sources = datamodule.train_dataloader().dataset.cutpaste_source_indices
     assert "empty mask" in caplog.text
     source_paths = datamodule.train_data.samples.image_path.iloc[sources]
