@@ -8,10 +8,10 @@ import torch
 from anomalib.data.dataclasses import ImageItem
 from anomalib.data.datasets.base.image import AnomalibDataset
 from anomalib.data.utils import LabelName
-from PIL import Image
 from torch.utils.data import Dataset
 
 from anomalib_apc.data.cutpaste import CutPaste
+from anomalib_apc.data.image_files import open_decoded
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def cutpaste_source_indices(dataset: AnomalibDataset) -> list[int]:
     samples = dataset.samples
     sources = []
     for index in np.flatnonzero(samples.label_index.to_numpy(dtype=int) == LabelName.ABNORMAL).tolist():
-        with Image.open(samples.mask_path.iloc[index]) as mask:
+        with open_decoded(samples.mask_path.iloc[index]) as mask:
             if mask.convert("L").getbbox() is not None:
                 sources.append(index)
                 continue
