@@ -251,7 +251,7 @@ def png_claiming_size(path: Path, width: int, height: int) -> None:
 def test_image_too_large_to_decode_safely_is_named_before_decoding(tiny_dataset_copy, size) -> None:
     huge = tiny_dataset_copy.category_dir / "test" / "good" / "002.png"
     png_claiming_size(huge, *size)
-    with pytest.raises(InvalidInputError, match=rf"{huge}.*(decodes safely|DecompressionBombError)"):
+    with pytest.raises(InvalidInputError, match=rf"image {huge} is too large to decode safely"):
         set_up(tiny_dataset_copy)
 
 

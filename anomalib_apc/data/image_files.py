@@ -70,22 +70,26 @@ def open_decoded(path: str | Path) -> Image.Image:
     """
     try:
         image = Image.open(path)
+    except Image.DecompressionBombError as error:  # more than twice the limit: refused by PIL itself
+        raise _too_large(path, str(error)) from error
     except Exception as error:  # PIL's decoders report corrupt data with many exception types
         raise _unreadable(path, error) from error
     limit = Image.MAX_IMAGE_PIXELS
-    if limit is not None and image.width * image.height > limit:
+    if limit is not None and image.width * image.height > limit:  # PIL would only warn up to twice the limit
         image.close()
-        msg = (
-            f"image {path} is {image.width}x{image.height} px, more than the {limit} pixels PIL decodes "
-            "safely (PIL.Image.MAX_IMAGE_PIXELS); shrink it"
-        )
-        raise InvalidInputError(msg)
+        raise _too_large(path, f"{image.width}x{image.height} px, more than {limit} pixels")
     try:
         image.load()
     except Exception as error:  # as above
         image.close()
         raise _unreadable(path, error) from error
     return image
+
+
+def _too_large(path: str | Path, size: str) -> InvalidInputError:
+    return InvalidInputError(
+        f"image {path} is too large to decode safely ({size}; the limit is PIL.Image.MAX_IMAGE_PIXELS): shrink it"
+    )
 
 
 def _unreadable(path: str | Path, error: Exception) -> InvalidInputError:
@@ -117,7 +121,7 @@ def image_to_tensor(image: Image.Image, source: str) -> torch.Tensor:
         raise InvalidInputError(msg)
     else:
         array = array.astype(np.float32) / _UINT16_MAX
-    gray = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+    gray = torch.from_numpy(np.array(array, dtype=np.float32))  # a copy: PIL's array is read-only
     return gray.expand(3, -1, -1).contiguous()
 
 
