@@ -6,6 +6,7 @@ from PIL import Image
 
 from anomalib_apc.data import CutPaste, SupervisedMVTecAD
 from anomalib_apc.data.cutpaste_grid import save_cutpaste_grid
+from anomalib_apc.errors import InvalidInputError
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
 
@@ -110,3 +111,10 @@ def test_grid_picture_is_written(tiny_dataset, tmp_path) -> None:
     output = save_cutpaste_grid(tiny_dataset.root, tiny_dataset.category, tmp_path / "grid.png", rows=2, columns=2)
     with Image.open(output) as picture:
         assert picture.size[0] > 100 and picture.size[1] > 100
+
+
+@pytest.mark.parametrize(("arguments", "message"), [({"num_anomalies": 0}, "num_anomalies"), ({"rows": 0}, "rows")])
+def test_grid_without_anomalies_or_cells_is_an_error_not_an_endless_loop(tiny_dataset, tmp_path, arguments, message):
+    with pytest.raises(InvalidInputError, match=message):
+        save_cutpaste_grid(tiny_dataset.root, tiny_dataset.category, tmp_path / "grid.png", **arguments)
+    assert not (tmp_path / "grid.png").exists()

@@ -12,7 +12,9 @@ from lightning.pytorch import Trainer
 from PIL import Image
 
 from anomalib_apc.data import SPLIT_FILE_NAME, SupervisedFolder, SupervisedMVTecAD, select_anomalies
-from anomalib_apc.data.supervised import TrainDrawSampler, defect_type_of
+from anomalib_apc.data.sampler import TrainDrawSampler
+from anomalib_apc.data.split import defect_type_of
+from anomalib_apc.errors import InvalidInputError, MissingInputError
 
 
 def make_datamodule(dataset, **overrides) -> SupervisedMVTecAD:
@@ -148,7 +150,7 @@ def test_normal_train_dataloader_serves_real_normal_images_in_a_fixed_order(tiny
 
 
 def test_zero_anomalies_behaves_like_the_one_class_datamodule(tiny_dataset, caplog) -> None:
-    with caplog.at_level(logging.INFO, logger="anomalib_apc.data.supervised"):
+    with caplog.at_level(logging.INFO, logger="anomalib_apc.data"):
         datamodule = set_up(tiny_dataset, num_anomalies=0)
     plain = MVTecAD(root=tiny_dataset.root, category=tiny_dataset.category, num_workers=0)
     plain.setup()
@@ -198,7 +200,7 @@ def test_more_anomalies_than_available_is_an_error(tiny_dataset) -> None:
 
 
 def test_all_anomalies_is_allowed_with_a_warning(tiny_dataset, caplog) -> None:
-    with caplog.at_level(logging.WARNING, logger="anomalib_apc.data.supervised"):
+    with caplog.at_level(logging.WARNING, logger="anomalib_apc.data"):
         datamodule = set_up(tiny_dataset, num_anomalies=tiny_dataset.test_anomalous)
     assert "the test set keeps none" in caplog.text
     assert not datamodule.test_data.has_anomalous
@@ -206,7 +208,7 @@ def test_all_anomalies_is_allowed_with_a_warning(tiny_dataset, caplog) -> None:
 
 def test_missing_category_folder_is_named_instead_of_downloading(tmp_path: Path) -> None:
     datamodule = SupervisedMVTecAD(root=tmp_path / "mpdd", category="metal_plate", num_workers=0)
-    with pytest.raises(FileNotFoundError, match=r"no folder .*mpdd/metal_plate and 'metal_plate' is not an MVTec AD"):
+    with pytest.raises(MissingInputError, match=r"no folder .*mpdd/metal_plate and 'metal_plate' is not an MVTec AD"):
         datamodule.prepare_data()
     assert not (tmp_path / "mpdd").exists()
 
@@ -216,20 +218,20 @@ def test_category_without_anomalies_is_an_error(tiny_dataset_copy) -> None:
         for folder in ("test", "ground_truth"):
             for path in (tiny_dataset_copy.category_dir / folder / kind).iterdir():
                 path.unlink()
-    with pytest.raises(ValueError, match="has no anomalous test images"):
+    with pytest.raises(InvalidInputError, match="has no anomalous test images"):
         set_up(tiny_dataset_copy)
 
 
 def test_anomalous_image_without_mask_is_named(tiny_dataset_copy) -> None:
     (tiny_dataset_copy.category_dir / "ground_truth" / "stain" / "002_mask.png").unlink()
-    with pytest.raises(FileNotFoundError, match=r"test/stain/002\.png has no mask"):
+    with pytest.raises(MissingInputError, match=r"test/stain/002\.png has no mask"):
         set_up(tiny_dataset_copy)
 
 
 def test_mask_without_anomalous_image_is_named(tiny_dataset_copy) -> None:
     stray = tiny_dataset_copy.category_dir / "ground_truth" / "hole" / "042_mask.png"
     Image.new("L", (64, 64)).save(stray)
-    with pytest.raises(FileNotFoundError, match=r"mask .*hole/042_mask\.png has no anomalous image"):
+    with pytest.raises(MissingInputError, match=r"mask .*hole/042_mask\.png has no anomalous image"):
         set_up(tiny_dataset_copy)
 
 
@@ -244,7 +246,7 @@ def test_supervised_folder_without_masks_is_an_error(tiny_dataset) -> None:
 def test_corrupt_image_is_named(tiny_dataset_copy, content) -> None:
     broken = tiny_dataset_copy.category_dir / "train" / "good" / "003.png"
     broken.write_bytes(broken.read_bytes()[:200] if content == "truncated" else content)
-    with pytest.raises(ValueError, match=r"cannot read image .*train/good/003\.png"):
+    with pytest.raises(InvalidInputError, match=r"cannot read image .*train/good/003\.png"):
         set_up(tiny_dataset_copy)
 
 
@@ -260,7 +262,7 @@ def test_training_anomaly_with_empty_mask_is_explained_and_never_cut(tiny_datase
     for path in (tiny_dataset_copy.category_dir / "ground_truth" / "scratch").iterdir():
         Image.new("L", (64, 64)).save(path)
     datamodule = set_up(tiny_dataset_copy)
-    with caplog.at_level(logging.WARNING, logger="anomalib_apc.data.supervised"):
+    with caplog.at_level(logging.WARNING, logger="anomalib_apc.data"):
         sources = datamodule.train_dataloader().dataset.cutpaste_source_indices
     assert "empty mask" in caplog.text
     source_paths = datamodule.train_data.samples.image_path.iloc[sources]

@@ -32,6 +32,7 @@ from unittest import mock
 import numpy as np
 import torch
 from anomalib.callbacks import ModelCheckpoint
+from anomalib.data.datasets.image.mvtecad import CATEGORIES as MVTEC_AD_CATEGORIES
 from anomalib.engine import Engine
 from anomalib.metrics import AUPRO, AUROC, Evaluator, F1Max
 from anomalib.models import Patchcore
@@ -53,10 +54,6 @@ PATCHCORE = "Patchcore"
 PATCHCORE_FAST_CORESET = "Patchcore (fast coreset)"
 APC = "APC"
 
-MVTEC_AD_CATEGORIES = (
-    "bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut",
-    "pill", "screw", "tile", "toothbrush", "transistor", "wood", "zipper",
-)  # fmt: skip
 DATASETS = ("demo", "mvtecad", "folder")
 
 METRIC_NAMES = ("image_AUROC", "image_F1Max", "pixel_AUROC", "pixel_F1Max", "pixel_AUPRO")

@@ -1,24 +1,34 @@
 """Data for APC: supervised splits of anomalib datamodules, CutPaste with real defects, demo data.
 
-Imports nothing else from this project, so every other part can build on it.
+Layout, one job per module:
+
+- :mod:`.mvtecad` (:class:`SupervisedMVTecAD`) and :mod:`.folder` (:class:`SupervisedFolder`): the
+  datamodules, one per folder layout;
+- :mod:`.split`: which anomalies move from test to training, and the batches that follow;
+- :mod:`.sampler`: the balanced training draws; :mod:`.train_dataset`: the training set with CutPaste;
+- :mod:`.image_files`: which files are images and how they are read; :mod:`.image_dataset`: anomalib's
+  dataset with that reader; :mod:`.pairing`: masks paired with images by name; :mod:`.validation`:
+  every file decoded once at set-up;
+- :mod:`.cutpaste`, :mod:`.cutpaste_grid`: CutPaste and a picture of it; :mod:`.demo`: the demo dataset.
+
+Imports nothing else from this project but :mod:`anomalib_apc.errors`, so every other part can build on it.
 """
 
 from anomalib_apc.data.cutpaste import CutPaste
 from anomalib_apc.data.demo import make_demo_dataset
-from anomalib_apc.data.supervised import (
-    SPLIT_FILE_NAME,
-    SupervisedFolder,
-    SupervisedMVTecAD,
-    SupervisedSplitMixin,
-    select_anomalies,
-)
+from anomalib_apc.data.folder import SupervisedFolder
+from anomalib_apc.data.image_files import IMAGE_SUFFIXES, read_image
+from anomalib_apc.data.mvtecad import SupervisedMVTecAD
+from anomalib_apc.data.split import SPLIT_FILE_NAME, SupervisedSplitMixin, select_anomalies
 
 __all__ = [
+    "IMAGE_SUFFIXES",
     "SPLIT_FILE_NAME",
     "CutPaste",
     "SupervisedFolder",
     "SupervisedMVTecAD",
     "SupervisedSplitMixin",
     "make_demo_dataset",
+    "read_image",
     "select_anomalies",
 ]

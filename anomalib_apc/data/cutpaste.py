@@ -21,6 +21,8 @@ from kornia.augmentation import (
     RandomVerticalFlip,
 )
 
+from anomalib_apc.errors import InvalidInputError
+
 
 class CutPaste:
     """Paste the defect region of an anomalous image onto a normal image.
@@ -70,7 +72,7 @@ class CutPaste:
             pixels. A patch larger than the normal image is cut to the normal image's size.
 
         Raises:
-            ValueError: If ``defect_mask`` marks no pixel (there is no defect to cut) or its size differs
+            InvalidInputError: If ``defect_mask`` marks no pixel (there is no defect to cut) or its size differs
                 from ``defect_image``.
         """
         defect_mask = defect_mask.reshape(defect_mask.shape[-2:]).bool()
@@ -79,10 +81,10 @@ class CutPaste:
                 f"Defect mask of size {tuple(defect_mask.shape)} does not match its image of "
                 f"{tuple(defect_image.shape)}."
             )
-            raise ValueError(msg)
+            raise InvalidInputError(msg)
         if not defect_mask.any():
             msg = "Defect mask is empty: there is no defect region to cut."
-            raise ValueError(msg)
+            raise InvalidInputError(msg)
 
         patch, patch_mask = self._augmented_patch(defect_image, defect_mask, generator)
         patch_height = min(patch.shape[-2], normal_image.shape[-2])

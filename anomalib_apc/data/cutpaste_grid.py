@@ -21,7 +21,8 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from anomalib_apc.data.demo import make_demo_dataset
-from anomalib_apc.data.supervised import SupervisedMVTecAD
+from anomalib_apc.data.mvtecad import SupervisedMVTecAD
+from anomalib_apc.errors import ApcError, InvalidInputError
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +36,21 @@ def save_cutpaste_grid(
     num_anomalies: int = 10,
     seed: int = 0,
 ) -> Path:
-    """Draw ``rows * columns`` CutPaste samples of a category in MVTec AD layout and save them to ``output``."""
+    """Draw ``rows * columns`` CutPaste samples of a category in MVTec AD layout and save them to ``output``.
+
+    Raises:
+        InvalidInputError: ``num_anomalies``, ``rows`` or ``columns`` is below 1 (CutPaste samples need
+            training anomalies to cut from, and a grid needs a cell).
+    """
+    if num_anomalies < 1:
+        msg = (
+            f"save_cutpaste_grid: num_anomalies (--num-anomalies) must be 1 or more, got {num_anomalies}: "
+            "CutPaste samples are cut from the real anomalies moved to training."
+        )
+        raise InvalidInputError(msg)
+    if rows < 1 or columns < 1:
+        msg = f"save_cutpaste_grid: rows and columns must be 1 or more, got rows={rows}, columns={columns}."
+        raise InvalidInputError(msg)
     datamodule = SupervisedMVTecAD(
         root=root,
         category=category,
@@ -82,15 +97,18 @@ def main() -> None:
         if root is None:
             root, category = Path(scratch), category or "demo"
             make_demo_dataset(root, seed=arguments.seed, category=category)
-        output = save_cutpaste_grid(
-            root,
-            category or "metal_plate",
-            arguments.output,
-            rows=arguments.rows,
-            columns=arguments.columns,
-            num_anomalies=arguments.num_anomalies,
-            seed=arguments.seed,
-        )
+        try:
+            output = save_cutpaste_grid(
+                root,
+                category or "metal_plate",
+                arguments.output,
+                rows=arguments.rows,
+                columns=arguments.columns,
+                num_anomalies=arguments.num_anomalies,
+                seed=arguments.seed,
+            )
+        except ApcError as error:
+            parser.exit(2, f"error: {error}\n")
     print(output)
 
 

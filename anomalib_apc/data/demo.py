@@ -23,6 +23,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from anomalib_apc.data.image_files import is_image_file
+from anomalib_apc.errors import OutputExistsError
+
 logger = logging.getLogger(__name__)
 
 DEFECT_TYPES = ("scratch", "stain", "hole")
@@ -77,7 +80,7 @@ def make_demo_dataset(
         num_per_defect_type: Anomalous test images of each defect type (see ``DEFECT_TYPES``).
 
     Raises:
-        FileExistsError: If the category folder holds images this call would not write (e.g. from
+        OutputExistsError: If the category folder holds images this call would not write (e.g. from
             other counts), which would otherwise end up in the dataset.
     """
     category_dir = Path(root) / category
@@ -112,14 +115,14 @@ def make_demo_dataset(
 
 
 def _refuse_foreign_images(category_dir: Path, expected: set[Path]) -> None:
-    foreign = sorted(path for path in category_dir.rglob("*.png") if path not in expected)
+    foreign = sorted(path for path in category_dir.rglob("*") if is_image_file(path) and path not in expected)
     if foreign:
         listed = ", ".join(str(path) for path in foreign[:5])
         msg = (
             f"{category_dir} already holds {len(foreign)} image(s) that make_demo_dataset would not write "
             f"(e.g. {listed}); remove the folder or choose another root or category."
         )
-        raise FileExistsError(msg)
+        raise OutputExistsError(msg)
 
 
 def _normal_image(size: int, rng: np.random.Generator) -> tuple[np.ndarray, _Part]:

@@ -16,9 +16,10 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision.transforms.v2.functional import to_dtype, to_image
 
+from anomalib_apc.data.image_files import IMAGE_SUFFIXES
+
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 ImageInput = str | Path | Image.Image | np.ndarray | torch.Tensor
 
 _GRAYSCALE_MODES = {"1", "L", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}

@@ -1,0 +1,90 @@
+"""The training set as the model sees it: real images and anomalies, and CutPaste anomalies made from them."""
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from anomalib.data.dataclasses import ImageItem
+from anomalib.data.datasets.base.image import AnomalibDataset
+from anomalib.data.utils import LabelName
+from torch.utils.data import Dataset
+
+from anomalib_apc.data.cutpaste import CutPaste
+from anomalib_apc.data.image_files import open_decoded
+
+logger = logging.getLogger(__name__)
+
+
+class SupervisedTrainDataset(Dataset):
+    """The training set, indexed by ``(index, sample_seed)`` from :class:`.sampler.TrainDrawSampler`.
+
+    A draw of an anomalous image is, with probability ``cutpaste_probability``, replaced by a CutPaste
+    anomaly: a random normal training image with the defect of a random CutPaste source pasted in.
+    Replacing anomalous draws (rather than relabelling normal ones) keeps the normal:anomalous ratio
+    the sampler sets, and lets the few real anomalies appear in many new guises.
+
+    Args:
+        dataset: anomalib's training dataset, anomalies included; it applies the augmentations.
+        cutpaste: The CutPaste operation.
+        cutpaste_probability: Probability that an anomalous draw becomes a CutPaste anomaly.
+        cutpaste_source_indices: Indices of the anomalies whose defects may be cut (non-empty masks).
+    """
+
+    def __init__(
+        self,
+        dataset: AnomalibDataset,
+        cutpaste: CutPaste,
+        cutpaste_probability: float,
+        cutpaste_source_indices: Sequence[int],
+    ) -> None:
+        labels = dataset.samples.label_index.to_numpy(dtype=int)
+        self.dataset = dataset
+        self.cutpaste = cutpaste
+        self.cutpaste_probability = cutpaste_probability
+        self.cutpaste_source_indices = list(cutpaste_source_indices)
+        self.normal_indices = np.flatnonzero(labels == LabelName.NORMAL).tolist()
+        self.is_anomalous = labels == LabelName.ABNORMAL
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, draw: tuple[int, int]) -> ImageItem:
+        index, sample_seed = draw
+        generator = torch.Generator().manual_seed(sample_seed)
+        can_cutpaste = bool(self.is_anomalous[index] and self.cutpaste_source_indices and self.normal_indices)
+        if can_cutpaste and float(torch.rand((), generator=generator)) < self.cutpaste_probability:
+            return self._cutpaste_item(generator)
+        return self.dataset[index]
+
+    def _cutpaste_item(self, generator: torch.Generator) -> ImageItem:
+        normal = self.dataset[_pick(self.normal_indices, generator)]
+        source = self.dataset[_pick(self.cutpaste_source_indices, generator)]
+        image, mask = self.cutpaste(normal.image, source.image, source.gt_mask, generator)
+        return ImageItem(image=image, gt_mask=mask, gt_label=torch.tensor(1), image_path=normal.image_path)
+
+
+def _pick(indices: Sequence[int], generator: torch.Generator) -> int:
+    return indices[int(torch.randint(len(indices), (), generator=generator))]
+
+
+
+
+def cutpaste_source_indices(dataset: AnomalibDataset) -> list[int]:
+    """Indices of the training anomalies whose mask marks a defect; an empty mask is explained, not cut."""
+    samples = dataset.samples
+    sources = []
+    for index in np.flatnonzero(samples.label_index.to_numpy(dtype=int) == LabelName.ABNORMAL).tolist():
+        with open_decoded(samples.mask_path.iloc[index]) as mask:
+            if mask.convert("L").getbbox() is not None:
+                sources.append(index)
+                continue
+        logger.warning(
+            "Training anomaly %s has an empty mask %s: it stays a training sample labelled anomalous, "
+            "but has no defect region for CutPaste to cut.",
+            samples.image_path.iloc[index],
+            samples.mask_path.iloc[index],
+        )
+    if not sources:
+        logger.warning("No training anomaly has a non-empty mask: CutPaste is off.")
+    return sources
