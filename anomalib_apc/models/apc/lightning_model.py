@@ -43,8 +43,9 @@ from tqdm import tqdm
 from .decoder import DecoderType
 from .init_weights import PretrainedWeightsUnavailableError
 from .loss import ApcLoss
+from .memory import concatenate_releasing
 from .normal_images import normal_training_images
-from .torch_model import TASKS, AnomalousPatchCoreModel, concatenate_releasing
+from .torch_model import TASKS, AnomalousPatchCoreModel
 
 logger = logging.getLogger(__name__)
 
