@@ -4,9 +4,11 @@ import pytest
 import torch
 from anomalib.data import ImageBatch
 
+from anomalib_apc.errors import InvalidInputError
 from anomalib_apc.models import AnomalousPatchCore, AnomalousPatchCoreModel
 from anomalib_apc.models.apc.loss import ApcLoss
-from anomalib_apc.models.apc.torch_model import TASKS, concatenate_releasing
+from anomalib_apc.models.apc.memory import concatenate_releasing
+from anomalib_apc.models.apc.torch_model import TASKS
 
 IMAGE_SIZE = 64
 
@@ -38,7 +40,8 @@ def test_other_timm_backbones(images: torch.Tensor, backbone: str, layers: tuple
     model = AnomalousPatchCoreModel(backbone=backbone, layers=layers, pre_trained=False)
     assert all(output is not None for output in model.finetune_forward(images))
     embedding = model.eval().embedding_map(images)
-    channels = sum(model.feature_extractor.stage_channels[index] for index in model.feature_extractor.memory_bank_indices)
+    encoder = model.feature_extractor
+    channels = sum(encoder.stage_channels[index] for index in encoder.memory_bank_indices)
     assert embedding.shape == (2, channels, IMAGE_SIZE // 8, IMAGE_SIZE // 8)
 
 
@@ -99,17 +102,31 @@ def test_fine_tuning_steps_reduce_the_loss(images: torch.Tensor) -> None:
         ({"loss_weights": (1.0, 1.0)}, "loss_weights must be 3"),
         ({"coreset_sampling_ratio": 0.0}, "coreset_sampling_ratio"),
         ({"backbone": "no_such_network"}, "Unknown timm backbone"),
+        ({"num_neighbors": 0}, "num_neighbors must be >= 1"),
+        ({"finetune_epochs": -1}, "finetune_epochs must be >= 0"),
     ],
 )
 def test_bad_arguments_are_named(kwargs: dict, message: str) -> None:
     arguments = {"backbone": "resnet18", "pre_trained": False, **kwargs}
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(InvalidInputError, match=message) as raised:
         AnomalousPatchCore(**arguments)
+    assert isinstance(raised.value, ValueError)  # callers that catch ValueError keep working
+
+
+def test_more_neighbours_than_memory_bank_rows_is_refused_before_scoring() -> None:
+    model = AnomalousPatchCoreModel(backbone="resnet18", pre_trained=False, num_neighbors=6)
+    embeddings = torch.randn(10, 384, generator=torch.Generator().manual_seed(0))
+    expected = r"num_neighbors=6 exceeds the memory bank's 5 rows \(10 normal patches, coreset_sampling_ratio=0.5\)"
+    with pytest.raises(InvalidInputError, match=expected):
+        model.build_memory_bank(embeddings, sampling_ratio=0.5)
+    assert model.memory_bank.numel() == 0
+    model.build_memory_bank(embeddings, sampling_ratio=0.6)
+    assert model.memory_bank.shape == (6, 384)
 
 
 def test_empty_memory_bank_is_refused() -> None:
     model = AnomalousPatchCoreModel(backbone="resnet18", pre_trained=False)
-    with pytest.raises(ValueError, match="memory bank would be empty"):
+    with pytest.raises(InvalidInputError, match="memory bank would be empty"):
         model.build_memory_bank(torch.empty(0, 384), sampling_ratio=0.1)
 
 

@@ -11,6 +11,7 @@ from conftest import tiny_engine as _engine
 from lightning.pytorch.callbacks import Callback
 
 from anomalib_apc.data import SupervisedMVTecAD, make_demo_dataset
+from anomalib_apc.errors import InvalidInputError
 from anomalib_apc.models import AnomalousPatchCore
 
 IMAGE_SIZE = 64
@@ -20,7 +21,9 @@ NUM_TRAIN = 8
 @pytest.fixture(scope="module")
 def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("demo")
-    make_demo_dataset(root, seed=0, image_size=IMAGE_SIZE, num_train=NUM_TRAIN, num_test_normal=4, num_per_defect_type=3)
+    make_demo_dataset(
+        root, seed=0, image_size=IMAGE_SIZE, num_train=NUM_TRAIN, num_test_normal=4, num_per_defect_type=3
+    )
     return root
 
 
@@ -42,7 +45,7 @@ class EpochLosses(Callback):
     def __init__(self) -> None:
         self.epochs: list[dict[str, float]] = []
 
-    def on_train_epoch_end(self, trainer, pl_module) -> None:  # noqa: ANN001 - Lightning's hook signature
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
         del pl_module
         self.epochs.append({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train_loss")})
 
@@ -53,7 +56,7 @@ class TrainingModes(Callback):
     def __init__(self) -> None:
         self.all_training: list[bool] = []
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001 - Lightning's hook
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         del trainer, batch, batch_idx
         self.all_training.append(all(module.training for module in pl_module.model.modules()))
 
@@ -98,7 +101,9 @@ def test_memory_bank_holds_the_patches_of_normal_training_images_only(
     datamodule.setup()
     model.model.eval()
     transform = model.pre_processor.transform
-    normal = torch.cat([model.model.patch_embeddings(transform(batch.image)) for batch in datamodule.normal_train_dataloader()])
+    normal = torch.cat(
+        [model.model.patch_embeddings(transform(batch.image)) for batch in datamodule.normal_train_dataloader()]
+    )
     assert normal.shape[0] == NUM_TRAIN * (IMAGE_SIZE // 8) ** 2
     bank = model.model.memory_bank
     assert bank.shape == normal.shape  # coreset_sampling_ratio=1.0 keeps every patch
@@ -127,16 +132,20 @@ def test_checkpoint_round_trip_gives_identical_scores(
     assert torch.equal(model.post_processor.image_threshold, restored.post_processor.image_threshold)
 
 
-def test_engine_test_reports_anomalib_metrics(trained: tuple[AnomalousPatchCore, Engine, EpochLosses], demo_root: Path) -> None:
+def test_engine_test_reports_anomalib_metrics(
+    trained: tuple[AnomalousPatchCore, Engine, EpochLosses], demo_root: Path
+) -> None:
     model, engine, _ = trained
     metrics = engine.test(model=model, datamodule=_datamodule(demo_root), verbose=False)[0]
     assert {"image_AUROC", "image_F1Score", "pixel_AUROC", "pixel_F1Score"} <= set(metrics)
     assert 0.0 <= metrics["image_AUROC"] <= 1.0
 
 
-def test_one_class_training_set_is_refused_with_the_fix(demo_root: Path, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="num_anomalies > 0"):
-        _engine(tmp_path).fit(model=_model(), datamodule=_datamodule(demo_root, num_anomalies=0))
+def test_one_class_training_set_is_refused_with_the_fix_before_fine_tuning(demo_root: Path, tmp_path: Path) -> None:
+    steps = TrainingModes()  # records one entry per fine-tuning step
+    with pytest.raises(InvalidInputError, match="num_anomalies > 0"):
+        _engine(tmp_path, [steps]).fit(model=_model(), datamodule=_datamodule(demo_root, num_anomalies=0))
+    assert steps.all_training == []  # refused from the datamodule's split counts, before the first step
 
 
 def test_without_fine_tuning_it_is_plain_patchcore_on_normal_images(demo_root: Path, tmp_path: Path) -> None:

@@ -15,6 +15,8 @@ from typing import Literal, NamedTuple
 import torch
 from torch import nn
 
+from anomalib_apc.errors import InvalidInputError
+
 DecoderType = Literal["unet2", "unet4"]
 EXTRA_SKIPS = {"unet2": 0, "unet4": 2}
 PIXEL_HEAD_MAX_REDUCTION = 4
@@ -77,7 +79,7 @@ class UNetDecoder(nn.Module):
         super().__init__()
         if decoder not in EXTRA_SKIPS:
             msg = f"decoder must be one of {sorted(EXTRA_SKIPS)}, got {decoder!r}."
-            raise ValueError(msg)
+            raise InvalidInputError(msg)
         bottleneck = len(stage_channels) - 1
         bank_skips = sorted((index for index in set(memory_bank_indices) if index != bottleneck), reverse=True)
         shallowest_bank = min(memory_bank_indices)
@@ -106,7 +108,6 @@ class UNetDecoder(nn.Module):
             channels, reduction = out_channels, reduction // 2
         self.upsampling_blocks = nn.ModuleList(upsampling)
         self.pixel_channels = channels
-        self.output_reduction = reduction
 
     def forward(self, stages: Sequence[torch.Tensor]) -> DecoderOutput:
         """Decode the list of encoder stage features (shallow to deep)."""

@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from anomalib_apc.errors import InvalidInputError
+
 from .init_weights import create_encoder_backbone
 
 
@@ -41,8 +43,11 @@ class TimmEncoder(nn.Module):
         self.stage_reductions: list[int] = [info["reduction"] for info in self.model.feature_info]
         unknown = [layer for layer in memory_bank_layers if layer not in self.stage_names]
         if unknown or len(memory_bank_layers) == 0:
-            msg = f"layers {list(memory_bank_layers)} are not feature stages of {backbone!r}; choose from {self.stage_names}."
-            raise ValueError(msg)
+            msg = (
+                f"layers {list(memory_bank_layers)} are not feature stages of {backbone!r}; "
+                f"choose from {self.stage_names}."
+            )
+            raise InvalidInputError(msg)
         self.memory_bank_layers = list(memory_bank_layers)
         self.memory_bank_indices = [self.stage_names.index(layer) for layer in self.memory_bank_layers]
 

@@ -31,7 +31,9 @@ class ClassificationHead(nn.Module):
         hidden_features: Width of the first fully connected layer.
     """
 
-    def __init__(self, in_channels: int, conv_channels: tuple[int, int, int] = (128, 64, 32), hidden_features: int = 32) -> None:
+    def __init__(
+        self, in_channels: int, conv_channels: tuple[int, int, int] = (128, 64, 32), hidden_features: int = 32
+    ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         for out_channels in conv_channels:

@@ -8,33 +8,35 @@ does not fit the architecture is refused instead of silently leaving the encoder
 """
 
 import logging
+import pickle
 import re
-import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from unittest import mock
 
+import huggingface_hub
 import timm
 import torch
 from torch import nn
 
+from anomalib_apc.errors import ApcError, InvalidInputError, MissingInputError
+
 logger = logging.getLogger(__name__)
 
-HUB_HOST = ("huggingface.co", 443)
-HUB_PROBE_TIMEOUT_S = 3.0
-MOCO_V3_ENCODER_PREFIX = "module.base_encoder."
+MOCO_V3_ENCODER_PREFIX = "base_encoder."
 MOCO_V3_PROJECTION_PREFIX = "fc."
-DATA_PARALLEL_PREFIX = "module."
-CHECKPOINT_CONTAINER_KEYS = ("state_dict", "model", "model_state_dict")
+EXTRA_CONTAINER_KEY = "model_state_dict"
+"""A container key of plain PyTorch training scripts that timm's loader does not unwrap itself."""
+ALLOWED_NON_TENSOR_GLOBALS = ("argparse.Namespace",)
+"""Globals that timm's loader allows in a ``weights_only`` load (the ``args`` of timm training checkpoints)."""
 
 
-class PretrainedWeightsUnavailableError(RuntimeError):
+class PretrainedWeightsUnavailableError(ApcError, RuntimeError):
     """Raised when hub weights were asked for but cannot be had (offline, not cached)."""
 
 
-class IncompatibleCheckpointError(ValueError):
-    """Raised when a checkpoint's tensors do not fit the encoder architecture."""
+class IncompatibleCheckpointError(InvalidInputError):
+    """Raised when a checkpoint file cannot be read safely or its tensors do not fit the encoder."""
 
 
 @dataclass(frozen=True)
@@ -57,12 +59,17 @@ def create_encoder_backbone(
     Args:
         backbone: timm model name, e.g. ``"resnet50"``.
         pre_trained: Load timm's ImageNet weights from the hub (ignored when ``init_weights`` is given).
+            Without internet, set the environment variable ``HF_HUB_OFFLINE=1``: the hub then answers
+            from its local cache at once, instead of retrying the connection for about a minute first.
         init_weights: Local checkpoint file (torchvision, timm or MoCo v3 format).
         init_weights_key_map: Regular expression -> replacement pairs applied in order to the
-            checkpoint's own key names before anything else, for checkpoints from other codebases.
+            checkpoint's key names before anything else, for checkpoints from other codebases.
 
     Returns:
         The timm model with ``reset_classifier(0)`` applied.
+
+    Raises:
+        PretrainedWeightsUnavailableError: ``pre_trained`` weights could not be fetched or found in the cache.
     """
     if init_weights is not None:
         model = _create_timm_model(backbone, pretrained=False)
@@ -81,36 +88,26 @@ def _create_timm_model(backbone: str, pretrained: bool) -> nn.Module:
     except RuntimeError as error:
         if "Unknown model" in str(error):
             msg = f"Unknown timm backbone {backbone!r}; `timm.list_models()` lists the valid names."
-            raise ValueError(msg) from None
+            raise InvalidInputError(msg) from None
         raise
-
-
-def _hub_reachable() -> bool:
-    """Whether a TCP connection to the model hub opens quickly.
-
-    huggingface_hub retries an unreachable host for about a minute before failing; probing first lets
-    us go straight to the local cache and fail in seconds when the weights are not there.
-    """
-    try:
-        with socket.create_connection(HUB_HOST, timeout=HUB_PROBE_TIMEOUT_S):
-            return True
-    except OSError:
-        return False
 
 
 def _create_with_hub_weights(backbone: str) -> nn.Module:
-    import huggingface_hub.constants
+    """timm's model with its hub weights; the hub's own errors become one line saying what to pass instead.
 
-    offline = huggingface_hub.constants.HF_HUB_OFFLINE or not _hub_reachable()
+    Whatever the hub or timm's URL download raise when the weights cannot be had is an ``OSError``
+    (``LocalEntryNotFoundError`` offline or after the connection retries, ``OfflineModeIsEnabled``,
+    HTTP and connection errors), so that is what is caught; anything else is a genuine error.
+    """
     try:
-        with mock.patch.object(huggingface_hub.constants, "HF_HUB_OFFLINE", offline):
-            return _create_timm_model(backbone, pretrained=True)
-    except ValueError:
-        raise
-    except Exception as error:  # noqa: BLE001 - timm and the hub raise many types; all mean "no weights".
-        where = "the model hub is unreachable and they are not in the local cache" if offline else str(error)
+        return _create_timm_model(backbone, pretrained=True)
+    except OSError as error:
+        if huggingface_hub.is_offline_mode():
+            reason = "HF_HUB_OFFLINE is set and they are not in the local cache"
+        else:
+            reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'no detail'}"
         msg = (
-            f"Cannot load pretrained weights for {backbone!r}: {where}. Pass init_weights=PATH "
+            f"Cannot load pretrained weights for {backbone!r} ({reason}). Pass init_weights=PATH "
             "(a torchvision, timm or MoCo v3 checkpoint file; `--model.init_weights PATH` on the CLI) "
             "or pre_trained=False (`--model.pre_trained false`) for a random initialisation."
         )
@@ -118,33 +115,62 @@ def _create_with_hub_weights(backbone: str) -> nn.Module:
 
 
 def read_checkpoint_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read the tensors of a checkpoint file, unwrapping the usual training containers.
+    """Read the tensors of a checkpoint file with timm's loader, refusing files that would run code.
+
+    ``timm.models.load_state_dict`` reads PyTorch and safetensors files with ``torch.load(...,
+    weights_only=True)`` (only tensors, plain containers and the ``argparse.Namespace`` of timm
+    training checkpoints are unpickled), unwraps ``state_dict_ema`` / ``model_ema`` / ``state_dict`` /
+    ``model`` containers (EMA weights first, as timm does) and removes ``DataParallel`` (``module.``)
+    and ``torch.compile`` (``_orig_mod.``) prefixes. A ``model_state_dict`` container is unwrapped here.
 
     Raises:
-        FileNotFoundError: The file does not exist.
-        IncompatibleCheckpointError: The file is not a readable PyTorch checkpoint or holds no tensors.
+        MissingInputError: The file does not exist.
+        IncompatibleCheckpointError: The file would run code when unpickled, is not a readable
+            checkpoint, or holds no tensors.
     """
     path = Path(path)
     if not path.is_file():
         msg = f"init_weights file not found: {path}"
-        raise FileNotFoundError(msg)
+        raise MissingInputError(msg)
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - pickle, zip and torch errors all mean "unreadable".
-        msg = f"init_weights file {path} is not a readable PyTorch checkpoint: {error}"
+        checkpoint = timm.models.load_state_dict(str(path), weights_only=True)
+    except AttributeError:  # timm's prefix cleaning met something that is not a mapping
+        msg = f"init_weights file {path} holds no state dict (a mapping of tensor names to tensors)."
         raise IncompatibleCheckpointError(msg) from None
-    for key in CHECKPOINT_CONTAINER_KEYS:
-        if isinstance(checkpoint, Mapping) and isinstance(checkpoint.get(key), Mapping):
-            checkpoint = checkpoint[key]
-            break
-    if not isinstance(checkpoint, Mapping):
-        msg = f"init_weights file {path} holds a {type(checkpoint).__name__}, not a state dict."
-        raise IncompatibleCheckpointError(msg)
+    except Exception as error:  # pickle, zip, safetensors and torch errors all mean "unreadable"
+        code = _code_executing_globals(path)
+        if code:
+            msg = (
+                f"init_weights file {path} is refused: unpickling it would run code ({', '.join(code)}); only "
+                "tensors are read (weights_only). Re-save its weights with torch.save(model.state_dict(), PATH)."
+            )
+        else:
+            msg = f"init_weights file {path} is not a readable PyTorch checkpoint: {_reason(error)}"
+        raise IncompatibleCheckpointError(msg) from None
+    if isinstance(checkpoint.get(EXTRA_CONTAINER_KEY), Mapping):
+        checkpoint = timm.models.clean_state_dict(checkpoint[EXTRA_CONTAINER_KEY])
     state_dict = {key: value for key, value in checkpoint.items() if isinstance(value, torch.Tensor)}
     if not state_dict:
         msg = f"init_weights file {path} holds no tensors."
         raise IncompatibleCheckpointError(msg)
     return state_dict
+
+
+def _reason(error: Exception) -> str:
+    """One line on why a load failed; timm re-raises torch's pickle errors with advice that does not apply here."""
+    cause = error.__cause__ or error
+    if isinstance(cause, pickle.UnpicklingError):
+        return "its pickle data cannot be read with weights_only=True (damaged, not a checkpoint, or needing code)."
+    return str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+
+
+def _code_executing_globals(path: Path) -> list[str]:
+    """The globals a ``weights_only`` load refuses in ``path`` (empty for files that are no torch zip archive)."""
+    try:
+        found = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception:  # not a torch.save archive: nothing to report
+        return []
+    return [name for name in found if name not in ALLOWED_NON_TENSOR_GLOBALS]
 
 
 def normalise_checkpoint_keys(
@@ -153,10 +179,11 @@ def normalise_checkpoint_keys(
 ) -> dict[str, torch.Tensor]:
     """Rename checkpoint keys to timm's names.
 
-    The user's ``key_map`` runs first, on the names as they are in the file. Then a MoCo v3 checkpoint
-    keeps only its base encoder without the projection head (the momentum encoder and the predictor
-    are training-only), and a ``DataParallel`` ``module.`` prefix is removed. torchvision and timm
-    ResNets share key names, so they need no renaming.
+    The user's ``key_map`` runs first, on the names as timm's loader returns them (without
+    ``DataParallel``'s ``module.`` and ``torch.compile``'s ``_orig_mod.`` prefixes, see
+    :func:`read_checkpoint_state_dict`). Then a MoCo v3 checkpoint keeps only its base encoder without
+    the projection head (the momentum encoder and the predictor are training-only). torchvision and
+    timm ResNets share key names, so they need no renaming.
     """
     renamed = dict(state_dict)
     for pattern, replacement in (key_map or {}).items():
@@ -171,8 +198,6 @@ def normalise_checkpoint_keys(
             if key.startswith(MOCO_V3_ENCODER_PREFIX)
             and not key.removeprefix(MOCO_V3_ENCODER_PREFIX).startswith(MOCO_V3_PROJECTION_PREFIX)
         }
-    elif all(key.startswith(DATA_PARALLEL_PREFIX) for key in renamed):
-        renamed = {key.removeprefix(DATA_PARALLEL_PREFIX): value for key, value in renamed.items()}
     return renamed
 
 
@@ -221,7 +246,9 @@ def load_init_weights(
     model.load_state_dict({key: checkpoint[key] for key in matching}, strict=False)
     logger.info("init_weights: loaded %d tensors from %s into %s.", len(matching), path, architecture)
     if missing:
-        logger.warning("init_weights: %d tensors missing from %s (left as initialised): %s", len(missing), path, missing)
+        logger.warning(
+            "init_weights: %d tensors missing from %s (left as initialised): %s", len(missing), path, missing
+        )
     if unexpected:
         logger.warning("init_weights: %d unexpected tensors in %s (ignored): %s", len(unexpected), path, unexpected)
     return InitWeightsReport(loaded=matching, missing=missing, unexpected=unexpected)

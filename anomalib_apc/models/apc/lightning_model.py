@@ -36,15 +36,21 @@ from anomalib.models.image.patchcore.lightning_model import Patchcore
 from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
+from lightning.pytorch import Callback
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 from tqdm import tqdm
 
+from anomalib_apc.errors import InvalidInputError, MissingInputError
+from anomalib_apc.sampling import seeded_global_rngs
+
 from .decoder import DecoderType
 from .init_weights import PretrainedWeightsUnavailableError
+from .interruption import InterruptionGuard, stop_if_terminated
 from .loss import ApcLoss
-from .normal_images import normal_training_images
-from .torch_model import TASKS, AnomalousPatchCoreModel, concatenate_releasing
+from .memory import concatenate_releasing
+from .normal_images import normal_training_images, training_anomaly_count
+from .torch_model import TASKS, AnomalousPatchCoreModel
 
 logger = logging.getLogger(__name__)
 
@@ -70,9 +76,14 @@ class AnomalousPatchCore(MemoryBankMixin, AnomalibModule):
         learning_rate: AdamW learning rate of the fine-tuning.
         weight_decay: AdamW weight decay of the fine-tuning.
         coreset_sampling_ratio: Fraction of normal patches kept in the memory bank.
-        num_neighbors: Memory-bank neighbours used for PatchCore's score re-weighting.
+        num_neighbors: Memory-bank neighbours used for PatchCore's score re-weighting: at least 1, and
+            at most the memory bank's rows (checked when phase 2 has built it, before validation).
         coreset_seed: Seed of the coreset selection, so that the same features give the same memory
             bank whatever happened to the global random state; ``None`` uses the global state.
+        seed: Seed of the network's initial weights (the random encoder of ``pre_trained=False``, the
+            decoder and the heads), so that a run is reproducible whatever the global random state:
+            anomalib 2.7's CLI parses ``seed_everything`` but never applies it. ``None`` draws them from
+            the global generators (as seeded by ``lightning.seed_everything``, for instance).
         pre_processor: Pre-processor instance or flag to use the default (resize to 256, ImageNet
             normalisation).
         post_processor: Post-processor instance or flag to use the default.
@@ -96,6 +107,7 @@ class AnomalousPatchCore(MemoryBankMixin, AnomalibModule):
         coreset_sampling_ratio: float = 0.1,
         num_neighbors: int = 9,
         coreset_seed: int | None = 0,
+        seed: int | None = 0,
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
         evaluator: Evaluator | bool = True,
@@ -109,23 +121,27 @@ class AnomalousPatchCore(MemoryBankMixin, AnomalibModule):
         )
         if len(loss_weights) != len(TASKS) or any(weight < 0 for weight in loss_weights):
             msg = f"loss_weights must be {len(TASKS)} non-negative numbers for {list(TASKS)}, got {list(loss_weights)}."
-            raise ValueError(msg)
+            raise InvalidInputError(msg)
         if finetune_epochs < 0:
             msg = f"finetune_epochs must be >= 0, got {finetune_epochs}."
-            raise ValueError(msg)
+            raise InvalidInputError(msg)
         if not 0 < coreset_sampling_ratio <= 1:
             msg = f"coreset_sampling_ratio must be in (0, 1], got {coreset_sampling_ratio}."
-            raise ValueError(msg)
-        network = {"backbone": backbone, "layers": layers, "decoder": decoder, "tasks": tasks, "num_neighbors": num_neighbors}
-        self._initial_weights_error: PretrainedWeightsUnavailableError | FileNotFoundError | None = None
+            raise InvalidInputError(msg)
+        network = {"backbone": backbone, "layers": layers, "decoder": decoder, "tasks": tasks,
+                   "num_neighbors": num_neighbors}
+        self._initial_weights_error: PretrainedWeightsUnavailableError | MissingInputError | None = None
         try:
-            self.model: AnomalousPatchCoreModel = AnomalousPatchCoreModel(
-                pre_trained=pre_trained, init_weights=init_weights, init_weights_key_map=init_weights_key_map, **network
-            )
-        except (PretrainedWeightsUnavailableError, FileNotFoundError) as error:
+            with seeded_global_rngs(seed):
+                self.model: AnomalousPatchCoreModel = AnomalousPatchCoreModel(
+                    pre_trained=pre_trained, init_weights=init_weights, init_weights_key_map=init_weights_key_map,
+                    **network,
+                )
+        except (PretrainedWeightsUnavailableError, MissingInputError) as error:
             # A checkpoint (anomalib test/export --ckpt_path, load_from_checkpoint) replaces the initial
             # weights anyway, so their absence only matters for training: on_fit_start raises it then.
-            self.model = AnomalousPatchCoreModel(pre_trained=False, init_weights=None, **network)
+            with seeded_global_rngs(seed):
+                self.model = AnomalousPatchCoreModel(pre_trained=False, init_weights=None, **network)
             self._initial_weights_error = error
             logger.warning(
                 "%s The encoder starts from random weights for now: loading a checkpoint works, training "
@@ -138,6 +154,7 @@ class AnomalousPatchCore(MemoryBankMixin, AnomalibModule):
         self.coreset_sampling_ratio = coreset_sampling_ratio
         self.coreset_seed = coreset_seed
         self._anomalous_samples_seen = 0
+        self._activity: str | None = None
 
     @property
     def fine_tunes(self) -> bool:
@@ -157,6 +174,10 @@ class AnomalousPatchCore(MemoryBankMixin, AnomalibModule):
     def configure_post_processor() -> PostProcessor:
         """anomalib's default post-processor (adaptive F1 threshold, min-max normalisation)."""
         return PostProcessor()
+
+    def configure_callbacks(self) -> list[Callback]:
+        """anomalib's component callbacks, and the guard that turns SIGTERM / SIGINT into a failed run."""
+        return [*super().configure_callbacks(), InterruptionGuard(lambda: self._activity)]
 
     def configure_optimizers(self) -> torch.optim.Optimizer | None:
         """AdamW over the encoder, decoder and heads; nothing to optimise without fine-tuning."""
@@ -183,10 +204,8 @@ class AnomalousPatchCore(MemoryBankMixin, AnomalibModule):
         if not self.fine_tunes:
             return
         self.model.train()
-        dataset = getattr(getattr(self.trainer, "datamodule", None), "train_data", None)
-        samples = getattr(dataset, "samples", None)
-        if samples is not None and "label_index" in samples and int((samples.label_index == 1).sum()) == 0:
-            raise ValueError(self._no_anomalies_message())
+        if training_anomaly_count(getattr(self.trainer, "datamodule", None)) == 0:
+            raise InvalidInputError(self._no_anomalies_message())
 
     @staticmethod
     def _no_anomalies_message() -> str:
@@ -200,6 +219,10 @@ class AnomalousPatchCore(MemoryBankMixin, AnomalibModule):
         """Fine-tuning changes the encoder, so any memory bank built before is stale."""
         self._is_fitted = torch.tensor([False], device=self.device)
         self._anomalous_samples_seen = 0
+        if self.fine_tunes:
+            self._activity = f"phase 1 (fine-tuning, epoch {self.current_epoch + 1} of {self.finetune_epochs})"
+        else:
+            self._activity = "the pass over the training data before phase 2"
 
     def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT | None:
         """One fine-tuning step on a batch of normal and anomalous images; logs every loss term."""
@@ -209,7 +232,7 @@ class AnomalousPatchCore(MemoryBankMixin, AnomalibModule):
         labels = batch.gt_label
         if labels is None:
             msg = "AnomalousPatchCore needs image labels (gt_label) in training batches; use a supervised datamodule."
-            raise ValueError(msg)
+            raise InvalidInputError(msg)
         anomalous = labels.bool()
         self._anomalous_samples_seen += int(anomalous.sum())
         if "segmentation" in self.model.tasks:
@@ -230,7 +253,7 @@ class AnomalousPatchCore(MemoryBankMixin, AnomalibModule):
                 f"({_paths(batch, anomalous)}). Provide defect masks (e.g. `mask_dir` for SupervisedFolder) or "
                 "drop 'segmentation' from `tasks`."
             )
-            raise ValueError(msg)
+            raise InvalidInputError(msg)
         if batch.gt_mask is not None and bool(anomalous.any()):
             empty = anomalous & (batch.gt_mask.reshape(anomalous.shape[0], -1).amax(dim=1) == 0)
             if bool(empty.any()):
@@ -243,12 +266,16 @@ class AnomalousPatchCore(MemoryBankMixin, AnomalibModule):
     def on_train_epoch_end(self) -> None:
         """Check that anomalies were seen; after the last epoch build the memory bank (phase 2)."""
         if self.fine_tunes and self._anomalous_samples_seen == 0:
-            raise ValueError(self._no_anomalies_message())
+            raise InvalidInputError(self._no_anomalies_message())
         if self.current_epoch + 1 >= self.trainer.max_epochs:
             super().on_train_epoch_end()
 
     def fit(self) -> None:
-        """Phase 2: embed the normal training images with the fine-tuned encoder and subsample a coreset."""
+        """Phase 2: embed the normal training images with the fine-tuned encoder and subsample a coreset.
+
+        A SIGTERM stops it between batches and before the coreset (see :mod:`.interruption`).
+        """
+        self._activity = "phase 2 (building the memory bank from the normal training images)"
         was_training = self.model.training
         self.model.eval()
         transform = getattr(self.pre_processor, "transform", None)
@@ -256,15 +283,19 @@ class AnomalousPatchCore(MemoryBankMixin, AnomalibModule):
         for images in tqdm(self._normal_training_images(), desc="Embedding normal training images", unit="batch"):
             images = images.to(self.device)
             embeddings.append(self.model.patch_embeddings(transform(images) if transform else images))
+            stop_if_terminated(self.trainer, self._activity)
         memory = concatenate_releasing(embeddings, device=self.device)
         logger.info("Selecting a %.1f %% coreset of %d normal patches.", 100 * self.coreset_sampling_ratio, len(memory))
         self.model.build_memory_bank(memory, self.coreset_sampling_ratio, seed=self.coreset_seed)
+        stop_if_terminated(self.trainer, self._activity)
         self.model.train(was_training)
+        self._activity = None
 
     def _normal_training_images(self) -> Iterator[torch.Tensor]:
         """Raw image batches of the real normal training images only (see :mod:`.normal_images`)."""
         datamodule = getattr(self.trainer, "datamodule", None)
-        return normal_training_images(datamodule, fallback=None if datamodule is not None else self.trainer.train_dataloader)
+        fallback = None if datamodule is not None else self.trainer.train_dataloader
+        return normal_training_images(datamodule, fallback=fallback)
 
     def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """PatchCore scores and anomaly maps for the batch."""

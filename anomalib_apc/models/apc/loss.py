@@ -4,7 +4,7 @@ from collections.abc import Mapping
 
 import torch
 from torch import nn
-from torch.nn import functional as F  # noqa: N812
+from torch.nn import functional as F
 
 from .torch_model import FineTuneOutput
 

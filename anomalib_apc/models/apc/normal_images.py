@@ -7,6 +7,11 @@ read through its ordinary training dataloader, keeping the images whose batch la
 
 The model, the bundle export and the benchmark all read normal images through
 :func:`normal_training_images`, so the three cannot disagree about which images build a memory bank.
+
+A datamodule may also say how many normal and anomalous images each split holds
+(:class:`SplitCountsSource`, ``split_counts()``); the model reads it through
+:func:`training_anomaly_count` to refuse a training set without anomalies before fine-tuning starts.
+
 The model layer defines the contract and never imports the data layer: datamodules satisfy it
 structurally.
 """
@@ -28,6 +33,23 @@ class NormalTrainingImagesSource(Protocol):
     def normal_train_dataloader(self) -> DataLoader:
         """Batches of the real normal training images only (no synthetic anomalies, no oversampling)."""
         ...
+
+
+@runtime_checkable
+class SplitCountsSource(Protocol):
+    """A datamodule that can count the normal and anomalous images of its splits once set up."""
+
+    def split_counts(self) -> dict[str, dict[str, int]]:
+        """``{"train": {"normal": n, "anomalous": a}, ...}`` for each split that exists."""
+        ...
+
+
+def training_anomaly_count(datamodule: object) -> int | None:
+    """Anomalous images in the training split of ``datamodule``; ``None`` when it cannot tell."""
+    if not isinstance(datamodule, SplitCountsSource):
+        return None
+    train = datamodule.split_counts().get("train")
+    return None if train is None else train["anomalous"]
 
 
 def normal_training_dataloader(datamodule: object, fallback: DataLoader | None = None) -> DataLoader:

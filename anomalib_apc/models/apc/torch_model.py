@@ -14,6 +14,7 @@ import torch
 from anomalib.models.image.patchcore.torch_model import PatchcoreModel
 from torch import nn
 
+from anomalib_apc.errors import InvalidInputError
 from anomalib_apc.sampling import FastKCenterGreedy
 
 from .decoder import DecoderType, UNetDecoder
@@ -21,25 +22,6 @@ from .encoder import TimmEncoder
 from .heads import ClassificationHead, ReconstructionHead, SegmentationHead
 
 TASKS = ("classification", "segmentation", "reconstruction")
-
-
-def concatenate_releasing(chunks: list[torch.Tensor], device: torch.device | str = "cpu") -> torch.Tensor:
-    """Concatenate row chunks, emptying ``chunks`` as it goes.
-
-    ``torch.cat`` holds every chunk and the result at once: twice the memory bank's patches, several
-    GB at real data sizes. Copying chunk by chunk into the result while dropping each chunk keeps
-    the peak at the result plus one chunk.
-    """
-    if not chunks:
-        return torch.empty(0, device=device)
-    result = chunks[0].new_empty((sum(len(chunk) for chunk in chunks), *chunks[0].shape[1:]))
-    offset = 0
-    chunks.reverse()
-    while chunks:
-        chunk = chunks.pop()
-        result[offset : offset + len(chunk)] = chunk
-        offset += len(chunk)
-    return result
 
 
 class FineTuneOutput(NamedTuple):
@@ -55,7 +37,7 @@ def validate_tasks(tasks: Sequence[str]) -> tuple[str, ...]:
     unknown = [task for task in tasks if task not in TASKS]
     if unknown:
         msg = f"Unknown task(s) {unknown}; tasks must be a subset of {list(TASKS)}."
-        raise ValueError(msg)
+        raise InvalidInputError(msg)
     return tuple(dict.fromkeys(tasks))
 
 
@@ -105,7 +87,11 @@ class AnomalousPatchCoreModel(PatchcoreModel):
         init_weights_key_map: Regex -> replacement pairs for checkpoints from other codebases.
         decoder: ``"unet2"`` or ``"unet4"``.
         tasks: Auxiliary tasks to fine-tune with; empty means plain PatchCore on the initial weights.
-        num_neighbors: Memory-bank neighbours used for PatchCore's score re-weighting.
+        num_neighbors: Memory-bank neighbours used for PatchCore's score re-weighting, at least 1 and at
+            most the memory bank's rows.
+
+    Raises:
+        InvalidInputError: An argument that cannot be used; the message names it.
     """
 
     def __init__(
@@ -119,6 +105,9 @@ class AnomalousPatchCoreModel(PatchcoreModel):
         tasks: Sequence[str] = TASKS,
         num_neighbors: int = 9,
     ) -> None:
+        if num_neighbors < 1:
+            msg = f"num_neighbors must be >= 1 (memory-bank patches used to re-weight scores), got {num_neighbors}."
+            raise InvalidInputError(msg)
         encoder = TimmEncoder(backbone, layers, pre_trained, init_weights, init_weights_key_map)
         # PatchcoreModel builds its own frozen timm extractor; it is replaced by the shared encoder,
         # which then is the only feature extractor of the memory bank, inference and export.
@@ -162,13 +151,22 @@ class AnomalousPatchCoreModel(PatchcoreModel):
         """Fill the memory bank with a k-center-greedy coreset of ``embeddings`` (normal patches only).
 
         Raises:
-            ValueError: ``embeddings`` is empty (no normal training image reached phase 2).
+            InvalidInputError: ``embeddings`` is empty (no normal training image reached phase 2), or the
+                coreset has fewer rows than ``num_neighbors`` (scoring would fail in validation).
         """
         if embeddings.shape[0] == 0:
             msg = (
                 "The memory bank would be empty: no normal training image was embedded. The training "
                 "set must contain normal images (label 0); check the datamodule's train split."
             )
-            raise ValueError(msg)
+            raise InvalidInputError(msg)
         sampler = FastKCenterGreedy(embedding=embeddings, sampling_ratio=sampling_ratio, seed=seed)
-        self.memory_bank = sampler.sample_coreset()
+        coreset = sampler.sample_coreset()
+        if len(coreset) < self.num_neighbors:
+            msg = (
+                f"num_neighbors={self.num_neighbors} exceeds the memory bank's {len(coreset)} rows "
+                f"({embeddings.shape[0]} normal patches, coreset_sampling_ratio={sampling_ratio}): lower "
+                "num_neighbors, raise coreset_sampling_ratio or train on more normal images."
+            )
+            raise InvalidInputError(msg)
+        self.memory_bank = coreset
