@@ -32,7 +32,7 @@ import torch
 from anomalib.models import Patchcore
 from anomalib.models.components.sampling import KCenterGreedy
 
-from anomalib_apc.benchmark.runner import copy_initial_weights
+from anomalib_apc.benchmark.models import copy_initial_weights
 from anomalib_apc.data import SupervisedMVTecAD
 from anomalib_apc.models import AnomalousPatchCore
 from anomalib_apc.models.apc.torch_model import concatenate_releasing
@@ -49,7 +49,7 @@ class StepTimer:
         self.seconds: dict[str, float] = defaultdict(float)
 
     @contextmanager
-    def step(self, name: str):  # noqa: ANN201 - a context manager
+    def step(self, name: str):
         start = time.perf_counter()
         yield
         self.seconds[name] += time.perf_counter() - start
