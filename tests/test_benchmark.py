@@ -66,6 +66,7 @@ def demo_benchmark(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return output
 
 
+@pytest.mark.integration
 def test_writes_tables_with_every_quantity_and_a_mean_row(demo_benchmark: Path) -> None:
     with (demo_benchmark / "results.csv").open() as file:
         rows = list(csv.DictReader(file))
@@ -99,6 +100,7 @@ def test_writes_tables_with_every_quantity_and_a_mean_row(demo_benchmark: Path) 
     assert "random (--no-pretrained)" in markdown
 
 
+@pytest.mark.integration
 def test_both_models_are_tested_on_the_split_without_the_training_anomalies(demo_benchmark: Path) -> None:
     runs = [run for run in json.loads((demo_benchmark / "results.json").read_text())["runs"] if not run["error"]]
     split_file = next((demo_benchmark / "runs").rglob(SPLIT_FILE_NAME))
@@ -110,6 +112,7 @@ def test_both_models_are_tested_on_the_split_without_the_training_anomalies(demo
     assert {run["num_test_anomalous"] for run in runs} == {24 - 10}
 
 
+@pytest.mark.integration
 def test_fast_coreset_row_reproduces_patchcore_and_apc_is_fine_tuned(demo_benchmark: Path) -> None:
     runs = {
         run["model"]: run
@@ -121,10 +124,12 @@ def test_fast_coreset_row_reproduces_patchcore_and_apc_is_fine_tuned(demo_benchm
     assert runs[APC]["memory_bank_rows"] == runs[PATCHCORE]["memory_bank_rows"]
 
 
+@pytest.mark.integration
 def test_writes_side_by_side_and_roc_figures(demo_benchmark: Path) -> None:
     assert sorted(path.name for path in (demo_benchmark / "figures").iterdir()) == ["demo_heatmaps.png", "demo_roc.png"]
 
 
+@pytest.mark.integration
 def test_failed_category_is_reported_and_the_others_kept(demo_benchmark: Path) -> None:
     report = json.loads((demo_benchmark / "results.json").read_text())
     failed = {(run["model"], run["category"]) for run in report["runs"] if run["error"]}
@@ -222,6 +227,7 @@ def test_no_arguments_mean_the_quick_offline_demo() -> None:
         BenchmarkSettings(dataset="mvtecad").resolved()
 
 
+@pytest.mark.integration
 def test_module_entry_point_shows_the_benchmark_options() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "anomalib_apc.benchmark", "--help"],

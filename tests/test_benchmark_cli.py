@@ -12,6 +12,7 @@ import pytest
 from anomalib_apc.benchmark import cli
 from anomalib_apc.benchmark.runner import clear_earlier_results, run_benchmark
 from anomalib_apc.benchmark.settings import MVTEC_LAYOUT, BenchmarkSettings
+from anomalib_apc.cli import main as apc_main
 from anomalib_apc.errors import MissingInputError, OutputExistsError
 
 TINY = ["--image-size", "64", "--backbone", "resnet18", "--no-pretrained", "--finetune-epochs", "1"]
@@ -117,6 +118,8 @@ def test_missing_root_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture)
     exit_code, stderr = _main(capsys, "--dataset", MVTEC_LAYOUT, "--root", str(absent), "--output", str(tmp_path / "o"))
     assert exit_code == 2
     assert stderr == f"python -m anomalib_apc.benchmark: error: --root {absent}: no such folder.\n"
+    assert apc_main(["benchmark", "--dataset", MVTEC_LAYOUT, "--root", str(absent), "--output", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"anomalib-apc benchmark: error: --root {absent}: no such folder.\n"
 
 
 def test_root_one_level_too_high_names_what_was_expected(tiny_dataset, tmp_path: Path) -> None:
