@@ -71,7 +71,7 @@ def check_mvtec_layout(folder: Path, name: str) -> None:
     candidates = sorted(path.name for path in folder.iterdir() if (path / "train" / "good").is_dir())
     if candidates:
         msg += (
-            f" Its sub-folders {', '.join(candidates[:5])} are: pass --dataset {MVTEC_LAYOUT} --root "
+            f" It holds folders in that layout ({', '.join(candidates[:5])}): pass --dataset {MVTEC_LAYOUT} --root "
             f"{folder / candidates[0]}, or --dataset mvtecad --root {folder} --category {candidates[0]}."
         )
     raise MissingInputError(msg)
