@@ -34,6 +34,7 @@ import gc
 import os
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -181,8 +182,8 @@ def greedy_steps_within(budget_seconds: float, features: torch.Tensor, ratio: fl
     return max(len(probe.indices), min(coreset_size, affordable))
 
 
-def main() -> None:
-    """Parse the arguments, run every size x ratio pair and print the table."""
+def main(argv: Sequence[str] | None = None) -> None:
+    """Parse ``argv`` (the command line by default), run every size x ratio pair and print the table."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 500_000], help="numbers of patches n")
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.01, 0.1], help="coreset sampling ratios")
@@ -195,7 +196,7 @@ def main() -> None:
         default=None,
         help="time budget for anomalib per row; longer selections are run on a prefix and extrapolated",
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, features={args.features}, d={args.dim}")
     header = (

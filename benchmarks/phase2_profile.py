@@ -1,7 +1,7 @@
 """Where phase 2 (memory-bank construction) spends its time: APC vs anomalib's Patchcore, same process.
 
 Both models embed the same normal training images (MPDD metal_plate by default: 54 images) with a
-randomly initialised ResNet-50 at 256 px, and subsample the same number of patches. The phase is cut
+randomly initialised ResNet-50 (``--backbone``) at 256 px, and subsample the same number of patches. The phase is cut
 into its steps:
 
 - ``load``: reading, decoding and pre-processing the images (the dataloader and the pre-processor),
@@ -23,20 +23,20 @@ weights, as in the benchmark, so both embed the same features). Each model embed
 import argparse
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import torch
 from anomalib.models import Patchcore
 from anomalib.models.components.sampling import KCenterGreedy
 
-from anomalib_apc.benchmark.runner import copy_initial_weights
+from anomalib_apc.benchmark.models import copy_initial_weights
 from anomalib_apc.data import SupervisedMVTecAD
 from anomalib_apc.models import AnomalousPatchCore
-from anomalib_apc.models.apc.memory import concatenate_releasing
-from anomalib_apc.sampling import FastKCenterGreedy
+from anomalib_apc.models.apc.normal_images import normal_training_dataloader
+from anomalib_apc.models.apc.torch_model import concatenate_releasing
+from anomalib_apc.sampling import FastKCenterGreedy, seeded_global_rngs
 
 DEFAULT_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "mpdd"
 STEPS = ("load", "extract", "aggregate", "collect", "sample")
@@ -49,7 +49,7 @@ class StepTimer:
         self.seconds: dict[str, float] = defaultdict(float)
 
     @contextmanager
-    def step(self, name: str):  # noqa: ANN201 - a context manager
+    def step(self, name: str):
         start = time.perf_counter()
         yield
         self.seconds[name] += time.perf_counter() - start
@@ -71,7 +71,7 @@ def embed(model: torch.nn.Module, batches: list[torch.Tensor], timer: StepTimer)
 def load_batches(datamodule: SupervisedMVTecAD, transform: Callable, timer: StepTimer) -> list[torch.Tensor]:
     """Read the normal training images through the datamodule and pre-process them."""
     with timer.step("load"):
-        return [transform(batch.image) for batch in datamodule.normal_train_dataloader()]
+        return [transform(batch.image) for batch in normal_training_dataloader(datamodule)]
 
 
 def profile(args: argparse.Namespace, ratio: float) -> None:
@@ -83,8 +83,9 @@ def profile(args: argparse.Namespace, ratio: float) -> None:
     timers = {"anomalib Patchcore": StepTimer(), "APC": StepTimer()}
 
     torch.manual_seed(0)
-    patchcore = Patchcore(backbone="resnet50", pre_trained=False, pre_processor=Patchcore.configure_pre_processor(size))
-    apc = AnomalousPatchCore(backbone="resnet50", pre_trained=False,
+    patchcore = Patchcore(backbone=args.backbone, pre_trained=False,
+                          pre_processor=Patchcore.configure_pre_processor(size))
+    apc = AnomalousPatchCore(backbone=args.backbone, pre_trained=False,
                              pre_processor=AnomalousPatchCore.configure_pre_processor(size))
     copy_initial_weights(apc, patchcore)
     timer = timers["anomalib Patchcore"]
@@ -95,11 +96,9 @@ def profile(args: argparse.Namespace, ratio: float) -> None:
         embedding = torch.vstack(rows)
     del rows
     with timer.step("sample"):
-        reference = KCenterGreedy(embedding, ratio)
-        torch.manual_seed(args.seed)
-        np.random.seed(args.seed)
-        reference_indices = reference.select_coreset_idxs()
-    del embedding, reference
+        with seeded_global_rngs(args.seed):
+            reference_indices = KCenterGreedy(embedding, ratio).select_coreset_idxs()
+    del embedding
 
     timer = timers["APC"]
     batches = load_batches(datamodule, apc.pre_processor.transform, timer)
@@ -113,7 +112,7 @@ def profile(args: argparse.Namespace, ratio: float) -> None:
         msg = "FastKCenterGreedy chose other patches than KCenterGreedy"
         raise AssertionError(msg)
 
-    print(f"\n{args.category}: {len(datamodule.normal_train_dataloader().dataset)} normal images, "
+    print(f"\n{args.category}: {len(normal_training_dataloader(datamodule).dataset)} normal images, "
           f"{embedding.shape[0]} x {embedding.shape[1]} patches, {args.image_size} px, coreset {ratio:.0%} "
           f"({len(indices)} patches, identical indices)")
     print(f"| step | {' | '.join(timers)} | ratio |")
@@ -123,15 +122,16 @@ def profile(args: argparse.Namespace, ratio: float) -> None:
         print(f"| {name} | {base:.2f} s | {ours:.2f} s | {base / ours:.2f}x |")
 
 
-def main() -> None:
-    """Parse the arguments and profile every requested coreset ratio."""
+def main(argv: Sequence[str] | None = None) -> None:
+    """Parse ``argv`` (the command line by default) and profile every requested coreset ratio."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, default=DEFAULT_ROOT)
     parser.add_argument("--category", default="metal_plate")
+    parser.add_argument("--backbone", default="resnet50", help="timm CNN of both models (randomly initialised)")
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.01])
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     for ratio in args.ratios:
         profile(args, ratio)
 

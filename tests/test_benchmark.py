@@ -4,6 +4,7 @@ import argparse
 import csv
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,23 +13,13 @@ import pytest
 import torch
 
 from anomalib_apc.benchmark import cli
+from anomalib_apc.benchmark.data import CategoryData, resolve_categories
+from anomalib_apc.benchmark.meter import warm_up
+from anomalib_apc.benchmark.models import build_models, resolve_initialisation
 from anomalib_apc.benchmark.report import paired_differences, summarise
-from anomalib_apc.benchmark.runner import (
-    APC,
-    PATCHCORE,
-    PATCHCORE_FAST_CORESET,
-    BenchmarkResult,
-    BenchmarkSettings,
-    CategoryData,
-    Initialisation,
-    ModelRun,
-    SplitRun,
-    build_models,
-    describe_split_mismatch,
-    resolve_categories,
-    resolve_initialisation,
-    warm_up,
-)
+from anomalib_apc.benchmark.results import BenchmarkResult, Initialisation, ModelRun, SplitRun
+from anomalib_apc.benchmark.runner import describe_split_mismatch
+from anomalib_apc.benchmark.settings import APC, PATCHCORE, PATCHCORE_FAST_CORESET, BenchmarkSettings
 from anomalib_apc.data import SPLIT_FILE_NAME, make_demo_dataset
 from anomalib_apc.models.apc.init_weights import PretrainedWeightsUnavailableError
 
@@ -43,12 +34,17 @@ def _run_cli(*arguments: str) -> int:
 
 @pytest.fixture(scope="module")
 def demo_benchmark(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One tiny benchmark with the fast-coreset row on a missing category, then the demo; returns its output.
+    """One tiny benchmark with the fast-coreset row on a broken category, then the demo; returns its output.
 
-    The missing category comes first, so the run also shows that a failure neither stops the
-    benchmark nor leaks into the other category's results.
+    The broken category (normal images, but no test anomalies to move to training) comes first, so
+    the run also shows that a failure neither stops the benchmark nor leaks into the other
+    category's results.
     """
     root = make_demo_dataset(tmp_path_factory.mktemp("data")).parent
+    broken = root / "broken" / "train" / "good"
+    broken.mkdir(parents=True)
+    for image in sorted((root / "demo" / "train" / "good").iterdir())[:3]:
+        shutil.copy(image, broken / image.name)
     output = tmp_path_factory.mktemp("benchmark")
     exit_code = _run_cli(
         *TINY,
@@ -60,7 +56,7 @@ def demo_benchmark(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "--root",
         str(root),
         "--category",
-        "missing",
+        "broken",
         "--category",
         "demo",
         "--output",
@@ -70,6 +66,7 @@ def demo_benchmark(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return output
 
 
+@pytest.mark.integration
 def test_writes_tables_with_every_quantity_and_a_mean_row(demo_benchmark: Path) -> None:
     with (demo_benchmark / "results.csv").open() as file:
         rows = list(csv.DictReader(file))
@@ -103,6 +100,7 @@ def test_writes_tables_with_every_quantity_and_a_mean_row(demo_benchmark: Path) 
     assert "random (--no-pretrained)" in markdown
 
 
+@pytest.mark.integration
 def test_both_models_are_tested_on_the_split_without_the_training_anomalies(demo_benchmark: Path) -> None:
     runs = [run for run in json.loads((demo_benchmark / "results.json").read_text())["runs"] if not run["error"]]
     split_file = next((demo_benchmark / "runs").rglob(SPLIT_FILE_NAME))
@@ -114,6 +112,7 @@ def test_both_models_are_tested_on_the_split_without_the_training_anomalies(demo
     assert {run["num_test_anomalous"] for run in runs} == {24 - 10}
 
 
+@pytest.mark.integration
 def test_fast_coreset_row_reproduces_patchcore_and_apc_is_fine_tuned(demo_benchmark: Path) -> None:
     runs = {
         run["model"]: run
@@ -125,14 +124,16 @@ def test_fast_coreset_row_reproduces_patchcore_and_apc_is_fine_tuned(demo_benchm
     assert runs[APC]["memory_bank_rows"] == runs[PATCHCORE]["memory_bank_rows"]
 
 
+@pytest.mark.integration
 def test_writes_side_by_side_and_roc_figures(demo_benchmark: Path) -> None:
     assert sorted(path.name for path in (demo_benchmark / "figures").iterdir()) == ["demo_heatmaps.png", "demo_roc.png"]
 
 
+@pytest.mark.integration
 def test_failed_category_is_reported_and_the_others_kept(demo_benchmark: Path) -> None:
     report = json.loads((demo_benchmark / "results.json").read_text())
     failed = {(run["model"], run["category"]) for run in report["runs"] if run["error"]}
-    assert failed == {(PATCHCORE, "missing"), (PATCHCORE_FAST_CORESET, "missing"), (APC, "missing")}
+    assert failed == {(PATCHCORE, "broken"), (PATCHCORE_FAST_CORESET, "broken"), (APC, "broken")}
     assert len(report["failures"]) == 3
     assert "## Failed runs" in (demo_benchmark / "results.md").read_text()
 
@@ -194,7 +195,7 @@ def test_unavailable_pretrained_weights_give_one_notice(monkeypatch: pytest.Monk
     def offline(*args: object, **kwargs: object) -> None:
         raise PretrainedWeightsUnavailableError("offline")
 
-    monkeypatch.setattr("anomalib_apc.benchmark.runner.create_encoder_backbone", offline)
+    monkeypatch.setattr("anomalib_apc.benchmark.models.create_encoder_backbone", offline)
     initialisation = resolve_initialisation(BenchmarkSettings().resolved())
     assert not initialisation.pre_trained and initialisation.init_weights is None
     assert "same random initialisation" in initialisation.notice
@@ -226,6 +227,7 @@ def test_no_arguments_mean_the_quick_offline_demo() -> None:
         BenchmarkSettings(dataset="mvtecad").resolved()
 
 
+@pytest.mark.integration
 def test_module_entry_point_shows_the_benchmark_options() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "anomalib_apc.benchmark", "--help"],

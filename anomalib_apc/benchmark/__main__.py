@@ -1,8 +1,8 @@
-"""``python -m anomalib_apc.benchmark``: the same command as ``anomalib-apc benchmark``."""
+"""``python -m anomalib_apc.benchmark``: the same options as ``anomalib-apc benchmark``."""
 
 import sys
 
-from anomalib_apc.cli import main
+from anomalib_apc.benchmark.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(["benchmark", *sys.argv[1:]]))
+    sys.exit(main())

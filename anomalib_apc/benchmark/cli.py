@@ -1,6 +1,8 @@
 """Arguments of ``anomalib-apc benchmark`` and the command itself.
 
-Building the parser imports nothing heavy, so ``anomalib-apc --help`` stays instant; torch,
+The options are not declared here: each is a field of :class:`BenchmarkSettings`, whose metadata
+gives its flag and help, and whose default is the one both the command line and the Python API
+use. Building the parser imports nothing heavy, so ``anomalib-apc --help`` stays instant; torch,
 anomalib and the models are imported when the command runs.
 """
 
@@ -8,145 +10,88 @@ import argparse
 import logging
 import sys
 import warnings
-from pathlib import Path
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from dataclasses import Field, fields
+from typing import Any
 
-if TYPE_CHECKING:
-    from anomalib_apc.benchmark.runner import BenchmarkSettings
+from anomalib_apc.benchmark.settings import MVTEC_LAYOUT, PAPER_PROFILE, QUICK_PROFILE, BenchmarkSettings, Profile
+from anomalib_apc.errors import ApcError
 
-DEFAULTS_HELP = """\
+DESCRIPTION = "Train anomalib's Patchcore and AnomalousPatchCore on one supervised split and compare them."
+
+
+def _profile_line(datasets: str, profile: Profile, note: str) -> str:
+    return (
+        f"  {datasets:<22}{profile.backbone}, {profile.image_size} px, {profile.finetune_epochs} fine-tuning epochs "
+        f"({note})"
+    )
+
+
+EPILOG = f"""\
 defaults by dataset:
-  demo            resnet18, 128 px, 5 fine-tuning epochs (finishes in a few minutes on a CPU)
-  mvtecad/folder  resnet50, 256 px, 50 fine-tuning epochs (the paper's settings)
+{_profile_line("demo", QUICK_PROFILE, "finishes in a few minutes on a CPU")}
+{_profile_line(f"mvtecad/{MVTEC_LAYOUT}", PAPER_PROFILE, "the paper's settings")}
 
 examples:
   anomalib-apc benchmark
   anomalib-apc benchmark --dataset mvtecad --root datasets/MVTecAD --category pill --category screw --seeds 0 1 2
-  anomalib-apc benchmark --dataset folder --root ../shared/datasets/mpdd/metal_plate --backbone resnet50 \\
+  anomalib-apc benchmark --dataset {MVTEC_LAYOUT} --root ../shared/datasets/mpdd/metal_plate --backbone resnet50 \\
       --image-size 128 --finetune-epochs 3 --no-pretrained --seeds 0 1 2 --output results/mpdd
 """
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the benchmark's options to ``parser``."""
+    """Add one option per field of :class:`BenchmarkSettings` to ``parser``.
+
+    An option left out is absent from the parsed namespace (``argparse.SUPPRESS``), so the settings
+    field keeps its own default.
+    """
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.epilog = DEFAULTS_HELP
-    data = parser.add_argument_group("data")
-    data.add_argument(
-        "--dataset",
-        choices=("demo", "mvtecad", "folder"),
-        default="demo",
-        help="demo: generated offline; mvtecad: categories under --root; folder: --root is one "
-        "folder in MVTec AD layout (train/good, test/<type>, ground_truth/<type>) (default: demo)",
-    )
-    data.add_argument(
-        "--root",
-        type=Path,
-        help="dataset root (mvtecad), dataset folder (folder) or where the demo dataset is written "
-        "(demo; default OUTPUT/demo_dataset)",
-    )
-    data.add_argument(
-        "--category",
-        action="append",
-        dest="categories",
-        metavar="NAME",
-        help="MVTec AD category, repeatable (default: all 15)",
-    )
-    data.add_argument(
-        "--num-anomalies",
-        type=int,
-        default=10,
-        help="anomalous images moved from test to APC's training, per category (default: 10)",
-    )
-    data.add_argument(
-        "--seeds",
-        type=int,
-        nargs="+",
-        default=[0],
-        metavar="SEED",
-        help="one run per seed; several give mean and spread (default: 0)",
-    )
-
-    models = parser.add_argument_group("models (identical for Patchcore and APC)")
-    models.add_argument("--backbone", help="timm CNN name (default: by dataset, see below)")
-    models.add_argument(
-        "--layers",
-        nargs="+",
-        default=["layer2", "layer3"],
-        metavar="LAYER",
-        help="memory-bank stages (default: layer2 layer3)",
-    )
-    models.add_argument("--image-size", type=int, help="square input size in pixels (default: by dataset)")
-    models.add_argument("--finetune-epochs", type=int, help="APC's fine-tuning epochs (default: by dataset)")
-    weights = models.add_mutually_exclusive_group()
-    weights.add_argument(
-        "--no-pretrained",
-        action="store_true",
-        help="start both models from the same random weights (default: timm's ImageNet weights "
-        "when they can be had, random with a notice otherwise)",
-    )
-    weights.add_argument(
-        "--init-weights",
-        type=Path,
-        metavar="PATH",
-        help="start both models from this torchvision, timm or MoCo v3 checkpoint",
-    )
-    models.add_argument(
-        "--coreset-sampling-ratio",
-        type=float,
-        default=0.1,
-        help="fraction of normal patches kept in the memory bank (default: 0.1)",
-    )
-    models.add_argument("--batch-size", type=int, default=16, help="APC's fine-tuning batch size (default: 16)")
-    models.add_argument(
-        "--eval-batch-size",
-        type=int,
-        default=32,
-        help="batch size of the memory-bank embedding and the test (default: 32)",
-    )
-    models.add_argument(
-        "--patchcore-fast-coreset",
-        action="store_true",
-        help="add a row 'Patchcore (fast coreset)': anomalib's Patchcore with the FastKCenterGreedy "
-        "sampler that APC uses, for a like-with-like memory-bank time",
-    )
-
-    run = parser.add_argument_group("run")
-    run.add_argument(
-        "--output",
-        type=Path,
-        default=Path("results/benchmark"),
-        metavar="DIR",
-        help="folder for results.md/.csv/.json, figures/ and the runs (default: results/benchmark)",
-    )
-    run.add_argument("--device", default="auto", help="Lightning accelerator: auto, cpu, gpu, ... (default: auto)")
-    run.add_argument("--num-workers", type=int, default=0, help="dataloader worker processes (default: 0)")
+    parser.epilog = EPILOG
+    groups: dict[str, Any] = {}
+    for settings_field in fields(BenchmarkSettings):
+        option = settings_field.metadata["cli"]
+        if option.group not in groups:
+            groups[option.group] = parser.add_argument_group(option.group)
+        target = groups[option.group]
+        if option.exclusive is not None:
+            key = f"{option.group}/{option.exclusive}"
+            if key not in groups:
+                groups[key] = target.add_mutually_exclusive_group()
+            target = groups[key]
+        default = option.default_text or _default_text(settings_field)
+        flag = option.flag or "--" + settings_field.name.replace("_", "-")
+        keywords = dict(option.argparse)
+        if keywords.get("action") not in ("store_true", "store_false") and "choices" not in keywords:
+            keywords.setdefault("metavar", flag.removeprefix("--").upper().replace("-", "_"))
+        target.add_argument(
+            flag,
+            dest=settings_field.name,
+            default=argparse.SUPPRESS,
+            help=f"{option.help} (default: {default})".replace("%", "%%"),
+            **keywords,
+        )
 
 
-def settings_from_arguments(args: argparse.Namespace) -> "BenchmarkSettings":
+def _default_text(settings_field: Field) -> str:
+    """The field's default as the help shows it: ``off`` for a flag, items joined by spaces."""
+    default = settings_field.default
+    if isinstance(default, bool):
+        return "on" if default else "off"
+    if isinstance(default, tuple):
+        return " ".join(str(item) for item in default)
+    return str(default)
+
+
+def settings_from_arguments(args: argparse.Namespace) -> BenchmarkSettings:
     """The benchmark settings the parsed arguments ask for (profile defaults still unresolved)."""
-    from anomalib_apc.benchmark.runner import BenchmarkSettings
-
-    return BenchmarkSettings(
-        dataset=args.dataset,
-        root=args.root,
-        categories=tuple(args.categories or ()),
-        num_anomalies=args.num_anomalies,
-        seeds=tuple(args.seeds),
-        backbone=args.backbone,
-        layers=tuple(args.layers),
-        image_size=args.image_size,
-        finetune_epochs=args.finetune_epochs,
-        pre_trained=not args.no_pretrained,
-        init_weights=args.init_weights,
-        coreset_sampling_ratio=args.coreset_sampling_ratio,
-        train_batch_size=args.batch_size,
-        eval_batch_size=args.eval_batch_size,
-        num_workers=args.num_workers,
-        patchcore_fast_coreset=args.patchcore_fast_coreset,
-        output=args.output,
-        device=args.device,
-    )
+    given = {
+        settings_field.name: getattr(args, settings_field.name)
+        for settings_field in fields(BenchmarkSettings)
+        if hasattr(args, settings_field.name)
+    }
+    lists_as_tuples = {name: tuple(value) if isinstance(value, list) else value for name, value in given.items()}
+    return BenchmarkSettings(**lists_as_tuples)
 
 
 def _hide_library_warnings() -> None:
@@ -174,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
     if quiet:
         _hide_library_warnings()
     from anomalib_apc.benchmark.report import write_report
+    from anomalib_apc.benchmark.results import FIGURES_DIR
     from anomalib_apc.benchmark.runner import run_benchmark
 
     if quiet:
@@ -183,12 +129,33 @@ def run(args: argparse.Namespace) -> int:
     paths = write_report(result)
     print()
     print(paths["markdown"].read_text())
-    print(
-        f"Results: {paths['markdown']}, {paths['csv']}, {paths['json']}; figures in {paths['markdown'].parent / 'figures'}"
-    )
+    figures = paths["markdown"].parent / FIGURES_DIR
+    print(f"Results: {paths['markdown']}, {paths['csv']}, {paths['json']}; figures in {figures}")
     if result.failures:
         print(f"{len(result.failures)} run(s) failed (partial results kept):", file=sys.stderr)
         for failure in result.failures:
             print(f"  - {failure}", file=sys.stderr)
         return 1
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m anomalib_apc.benchmark``: the benchmark command alone, without the other commands' imports.
+
+    A user error (an :class:`ApcError`, or a file that cannot be read or written) is one line and
+    exit status 2; ``-v`` shows its traceback.
+    """
+    parser = argparse.ArgumentParser(prog="python -m anomalib_apc.benchmark", description=DESCRIPTION)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level, tracebacks of errors")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return run(args)
+    except (ApcError, OSError) as error:
+        if args.verbose:
+            raise
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        return 2

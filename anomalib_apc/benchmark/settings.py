@@ -1,0 +1,250 @@
+"""Every option of a benchmark run, declared once: its default, its command-line flag and its help.
+
+``BenchmarkSettings`` is what the Python API takes; ``anomalib_apc.benchmark.cli`` builds the
+``anomalib-apc benchmark`` parser from the same fields (each field's metadata holds its
+:class:`CliOption`), so a default or a help text cannot differ between the two.
+
+Imports nothing heavy, so that building the parser (``anomalib-apc --help``) stays instant.
+"""
+
+import logging
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from anomalib_apc.errors import InvalidInputError
+
+logger = logging.getLogger(__name__)
+
+PATCHCORE = "Patchcore"
+PATCHCORE_FAST_CORESET = "Patchcore (fast coreset)"
+APC = "APC"
+
+MVTEC_LAYOUT = "mvtec-layout"
+DATASETS = ("demo", "mvtecad", MVTEC_LAYOUT)
+DEPRECATED_DATASET_NAMES = {"folder": MVTEC_LAYOUT}
+"""Old ``--dataset`` names still accepted, with a notice: ``folder`` read like anomalib's ``Folder``."""
+
+
+@dataclass(frozen=True)
+class Profile:
+    """The backbone, image size and fine-tuning length used when the user does not choose them."""
+
+    backbone: str
+    image_size: int
+    finetune_epochs: int
+
+
+QUICK_PROFILE = Profile(backbone="resnet18", image_size=128, finetune_epochs=5)
+"""For the demo dataset: Patchcore and APC both finish in a few minutes on a 2-core CPU."""
+
+PAPER_PROFILE = Profile(backbone="resnet50", image_size=256, finetune_epochs=50)
+"""For real data (MVTec AD, one folder in its layout): the paper's ResNet-50 and 50 epochs, at anomalib's 256 px."""
+
+
+@dataclass(frozen=True)
+class CliOption:
+    """How one settings field appears on the command line.
+
+    Attributes:
+        help: Help text, without the default (the parser appends the field's default).
+        group: Title of the option group.
+        flag: The option string; ``None`` derives it from the field name (``num_workers`` -> ``--num-workers``).
+        default_text: What the help shows as the default instead of the field's value.
+        exclusive: Name of a mutually exclusive group the option belongs to.
+        argparse: Further ``add_argument`` keywords (``type``, ``nargs``, ``action``, ``choices``, ``metavar``).
+    """
+
+    help: str
+    group: str
+    flag: str | None = None
+    default_text: str | None = None
+    exclusive: str | None = None
+    argparse: dict[str, Any] = field(default_factory=dict)
+
+
+DATA, MODELS, RUN = "data", "models (identical for Patchcore and APC)", "run"
+
+
+def cli(help: str, group: str, **keywords: Any) -> dict[str, CliOption]:
+    """A settings field's ``metadata``: its command-line option, with ``help`` and :class:`CliOption`'s ``keywords``.
+
+    Keywords that are not :class:`CliOption` attributes go to ``argparse``'s ``add_argument``.
+    """
+    own = {"flag", "default_text", "exclusive"}
+    option = CliOption(help, group, **{key: keywords.pop(key) for key in own & keywords.keys()}, argparse=keywords)
+    return {"cli": option}
+
+
+@dataclass(frozen=True)
+class BenchmarkSettings:
+    """Everything a benchmark run depends on; ``None`` fields take the dataset's :class:`Profile`.
+
+    Each field's help (shown by ``anomalib-apc benchmark --help``) is its documentation.
+    """
+
+    dataset: str = field(
+        default="demo",
+        metadata=cli(
+            "demo: generated offline; mvtecad: categories under --root; mvtec-layout: --root is one folder in "
+            "MVTec AD layout (train/good, test/<type>, ground_truth/<type>); folder: old name of mvtec-layout",
+            DATA,
+            choices=(*DATASETS, *DEPRECATED_DATASET_NAMES),
+        ),
+    )
+    root: Path | None = field(
+        default=None,
+        metadata=cli(
+            "dataset root (mvtecad), the dataset folder itself (mvtec-layout) or where the demo dataset is written",
+            DATA,
+            default_text="OUTPUT/demo_dataset for demo",
+            type=Path,
+        ),
+    )
+    categories: tuple[str, ...] = field(
+        default=(),
+        metadata=cli(
+            "MVTec AD category under --root, repeatable; only for mvtecad",
+            DATA,
+            flag="--category",
+            default_text="all 15",
+            action="append",
+            metavar="NAME",
+        ),
+    )
+    num_anomalies: int = field(
+        default=10, metadata=cli("anomalous images moved from test to APC's training, per category", DATA, type=int)
+    )
+    seeds: tuple[int, ...] = field(
+        default=(0,),
+        metadata=cli(
+            "one run per seed (anomaly choice, CutPaste, random initialisation, coreset); several give mean and spread",
+            DATA,
+            type=int,
+            nargs="+",
+            metavar="SEED",
+        ),
+    )
+    backbone: str | None = field(
+        default=None, metadata=cli("timm CNN name", MODELS, default_text="by dataset, see below")
+    )
+    layers: tuple[str, ...] = field(
+        default=("layer2", "layer3"), metadata=cli("memory-bank stages", MODELS, nargs="+", metavar="LAYER")
+    )
+    image_size: int | None = field(
+        default=None, metadata=cli("square input size in pixels", MODELS, default_text="by dataset", type=int)
+    )
+    finetune_epochs: int | None = field(
+        default=None, metadata=cli("APC's fine-tuning epochs", MODELS, default_text="by dataset", type=int)
+    )
+    pre_trained: bool = field(
+        default=True,
+        metadata=cli(
+            "start both models from the same random weights instead of timm's ImageNet weights (which fall back "
+            "to random, with a notice, when they cannot be had)",
+            MODELS,
+            flag="--no-pretrained",
+            default_text="pretrained",
+            exclusive="weights",
+            action="store_false",
+        ),
+    )
+    init_weights: Path | None = field(
+        default=None,
+        metadata=cli(
+            "start both models from this torchvision, timm or MoCo v3 checkpoint",
+            MODELS,
+            default_text="none",
+            exclusive="weights",
+            type=Path,
+            metavar="PATH",
+        ),
+    )
+    coreset_sampling_ratio: float = field(
+        default=0.1, metadata=cli("fraction of normal patches kept in each model's memory bank", MODELS, type=float)
+    )
+    train_batch_size: int = field(
+        default=16,
+        metadata=cli(
+            "APC's fine-tuning batch size (normal and anomalous draws balanced)", MODELS, flag="--batch-size", type=int
+        ),
+    )
+    eval_batch_size: int = field(
+        default=32, metadata=cli("batch size of the memory-bank embedding and of the test", MODELS, type=int)
+    )
+    patchcore_fast_coreset: bool = field(
+        default=False,
+        metadata=cli(
+            "add a row 'Patchcore (fast coreset)': anomalib's Patchcore with the FastKCenterGreedy sampler that "
+            "APC uses, for a like-with-like memory-bank time",
+            MODELS,
+            action="store_true",
+        ),
+    )
+    output: Path = field(
+        default=Path("results/benchmark"),
+        metadata=cli(
+            "folder for results.md/.csv/.json, figures/ and runs/; must be empty or absent unless --overwrite",
+            RUN,
+            type=Path,
+            metavar="DIR",
+        ),
+    )
+    overwrite: bool = field(
+        default=False,
+        metadata=cli(
+            "replace the results of an earlier benchmark in --output (results.*, figures/, runs/ are deleted first)",
+            RUN,
+            action="store_true",
+        ),
+    )
+    device: str = field(default="auto", metadata=cli("Lightning accelerator: auto, cpu, gpu, ...", RUN))
+    num_workers: int = field(default=0, metadata=cli("dataloader worker processes", RUN, type=int))
+
+    def resolved(self) -> "BenchmarkSettings":
+        """These settings with the profile's values in the fields left ``None``, after checking them.
+
+        Raises:
+            InvalidInputError: An unknown dataset, a missing root, categories given for a single folder, or
+                no seed.
+        """
+        dataset = DEPRECATED_DATASET_NAMES.get(self.dataset, self.dataset)
+        if dataset != self.dataset:
+            logger.warning("--dataset %s is deprecated: use --dataset %s (the same thing).", self.dataset, dataset)
+        if dataset not in DATASETS:
+            msg = f"--dataset must be one of {list(DATASETS)}, got {self.dataset!r}."
+            raise InvalidInputError(msg)
+        if dataset != "demo" and self.root is None:
+            msg = f"--dataset {dataset} needs --root (the dataset folder)."
+            raise InvalidInputError(msg)
+        if dataset != "mvtecad" and self.categories:
+            msg = f"--category selects MVTec AD categories; with --dataset {dataset} the category is implied."
+            raise InvalidInputError(msg)
+        if not self.seeds:
+            msg = "Give at least one seed (--seeds)."
+            raise InvalidInputError(msg)
+        profile = QUICK_PROFILE if dataset == "demo" else PAPER_PROFILE
+        return replace(
+            self,
+            dataset=dataset,
+            backbone=self.backbone or profile.backbone,
+            image_size=self.image_size or profile.image_size,
+            finetune_epochs=profile.finetune_epochs if self.finetune_epochs is None else self.finetune_epochs,
+            categories=tuple(self.categories or (_mvtec_categories() if dataset == "mvtecad" else ())),
+        )
+
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        """The rows each category gets, in table order."""
+        return (PATCHCORE, PATCHCORE_FAST_CORESET, APC) if self.patchcore_fast_coreset else (PATCHCORE, APC)
+
+    def as_record(self) -> dict[str, Any]:
+        """JSON-friendly copy (paths as strings)."""
+        return {key: str(value) if isinstance(value, Path) else value for key, value in asdict(self).items()}
+
+
+def _mvtec_categories() -> tuple[str, ...]:
+    """anomalib's list of the 15 MVTec AD categories (imported here: anomalib is slow to import)."""
+    from anomalib.data.datasets.image.mvtecad import CATEGORIES
+
+    return tuple(CATEGORIES)

@@ -1,0 +1,56 @@
+"""Smoke tests of the scripts in benchmarks/: each runs at tiny sizes and checks what it asserts itself."""
+
+import importlib.util
+import re
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _script(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_coreset_benchmark_finds_identical_indices_and_prints_speed_ups(capsys: pytest.CaptureFixture) -> None:
+    _script("coreset_benchmark").main(
+        ["--sizes", "3000", "--ratios", "0.02", "--dim", "64", "--features", "clustered"]
+    )  # raises AssertionError when the two samplers pick different indices
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.lstrip().startswith("3000")]
+    assert len(rows) == 1
+    cells = [cell.strip() for cell in rows[0].split("|")]
+    assert cells[0].split() == ["3000", "0.020", "60", "60"]  # n, ratio, coreset size, greedy steps (all measured)
+    assert re.fullmatch(r"[\d.]+ +[\d.]+ +[\d.]+x", cells[2]) and cells[-1] == "True"
+
+
+def test_phase2_profile_times_every_step_on_identical_coresets(tiny_dataset, capsys: pytest.CaptureFixture) -> None:
+    _script("phase2_profile").main(
+        ["--root", str(tiny_dataset.root), "--category", tiny_dataset.category, "--image-size", "64",
+         "--ratios", "0.1", "--backbone", "resnet18"]
+    )  # fmt: skip
+    output = capsys.readouterr().out
+    assert f"{tiny_dataset.category}: {tiny_dataset.train_normal} normal images, 768 x 384 patches" in output
+    assert "(76 patches, identical indices)" in output
+    steps = dict(re.findall(r"^\| (\w+) \| [\d.]+ s \| [\d.]+ s \| ([\d.]+)x \|$", output, flags=re.MULTILINE))
+    assert set(steps) == {"load", "extract", "aggregate", "collect", "sample", "total"}
+
+
+def test_deploy_benchmark_runs_and_checks_parity(tiny_dataset, tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "deploy_benchmark.py"), "--backbone", "resnet18", "--image-size", "64",
+         "--memory-bank-size", "256", "--rounds", "1", "--batch-sizes", "1", "--skip-anomalib-openvino",
+         "--category-dir", str(tiny_dataset.category_dir), "--work-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(r"^bundle +[\d.]+ +[\d.]+x$", result.stdout, flags=re.MULTILINE), result.stdout
+    assert "labels identical" in result.stdout
