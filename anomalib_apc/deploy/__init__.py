@@ -21,16 +21,18 @@ _MODULE_OF = {
     "BundleMetadata": "metadata",
     "ImageReadError": "images",
     "ParityReport": "parity",
+    "PredictionSummary": "predict",
     "compare_with_model": "parity",
     "export_bundle": "bundle",
-    "load_checkpoint": "bundle",
+    "load_checkpoint": "checkpoint",
+    "predict_folder": "predict",
     "read_metadata": "metadata",
 }
 
 __all__ = sorted(_MODULE_OF)
 
 
-def __getattr__(name: str) -> Any:  # noqa: ANN401 - any of the exported objects
+def __getattr__(name: str) -> Any:
     if name not in _MODULE_OF:
         msg = f"module {__name__!r} has no attribute {name!r}"
         raise AttributeError(msg)
