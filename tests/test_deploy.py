@@ -101,7 +101,8 @@ def test_bundle_holds_graph_indexes_and_metadata(bundle: Path, trained) -> None:
     assert metadata.source_checkpoint["sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
     assert metadata.source_checkpoint["global_step"] > 0
     assert set(metadata.checksums) == set(metadata.files())
-    assert metadata.checksums["memory_bank.faiss"] == hashlib.sha256((bundle / "memory_bank.faiss").read_bytes()).hexdigest()
+    memory_bank_digest = hashlib.sha256((bundle / "memory_bank.faiss").read_bytes()).hexdigest()
+    assert metadata.checksums["memory_bank.faiss"] == memory_bank_digest
     assert set(metadata.versions) == {"anomalib_apc", "anomalib", "openvino", "faiss", "torch"}
     state = metadata.post_processor["state"]
     assert state["_image_threshold"] == pytest.approx(float(model.post_processor.image_threshold))
@@ -291,7 +292,7 @@ def test_bundle_of_another_architecture_is_refused(bundle_copy: Path) -> None:
 
 def test_bundle_with_a_missing_file_is_refused(bundle_copy: Path) -> None:
     (bundle_copy / "memory_bank.faiss").unlink()
-    with pytest.raises(FileNotFoundError, match="memory_bank.faiss"):
+    with pytest.raises(FileNotFoundError, match=r"memory_bank\.faiss"):
         ApcInferencer(bundle_copy)
     with pytest.raises(FileNotFoundError, match="not a bundle"):
         ApcInferencer(bundle_copy.parent)
@@ -299,10 +300,10 @@ def test_bundle_with_a_missing_file_is_refused(bundle_copy: Path) -> None:
 
 def test_bundle_whose_files_disagree_with_the_metadata_is_refused(bundle_copy: Path) -> None:
     _edit_metadata(bundle_copy, memory_bank_size=read_metadata(bundle_copy).memory_bank_size + 1)
-    with pytest.raises(ValueError, match="memory_bank.faiss: .* rows"):
+    with pytest.raises(ValueError, match=r"memory_bank\.faiss: .* rows"):
         ApcInferencer(bundle_copy)
     _edit_metadata(bundle_copy, memory_bank_size=read_metadata(bundle_copy).memory_bank_size - 1, embedding_dim=99)
-    with pytest.raises(ValueError, match="embedding.xml: graph maps"):
+    with pytest.raises(ValueError, match=r"embedding\.xml: graph maps"):
         ApcInferencer(bundle_copy)
 
 
@@ -345,9 +346,9 @@ def test_image_of_another_size_is_resized_with_a_note(inferencer: ApcInferencer,
 def test_unreadable_images_raise_errors_naming_them(inferencer: ApcInferencer, tmp_path: Path) -> None:
     corrupt = tmp_path / "corrupt.png"
     corrupt.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
-    with pytest.raises(ImageReadError, match="corrupt.png: cannot read this file as an image"):
+    with pytest.raises(ImageReadError, match=r"corrupt\.png: cannot read this file as an image"):
         inferencer.predict(corrupt)
-    with pytest.raises(FileNotFoundError, match="missing.png"):
+    with pytest.raises(FileNotFoundError, match=r"missing\.png"):
         inferencer.predict(tmp_path / "missing.png")
     with pytest.raises(ImageReadError, match="1 \\(gray\\), 3 \\(RGB\\) or 4 \\(RGBA\\) channels, got 2"):
         inferencer.predict(torch.rand(2, IMAGE_SIZE, IMAGE_SIZE))

@@ -4,9 +4,10 @@ The names below are imported on first use, so that ``anomalib-apc --help`` and t
 do not pay for torch, OpenVINO and faiss.
 
 Example:
-    >>> from anomalib_apc.deploy import ApcInferencer, export_bundle
+    >>> from anomalib_apc.deploy import ApcInferencer, export_bundle, predict_folder
     >>> export_bundle("results/.../model.ckpt", "bundle")
     >>> ApcInferencer("bundle").predict("image.png").pred_score
+    >>> predict_folder("bundle", ["images/"], "predictions").failures
 """
 
 import importlib

@@ -114,7 +114,8 @@ def export_bundle(
     image_size = model_input_size(transform)
     calibration = read_calibration_images(calibration_images, datamodule, image_size, max_calibration_images)
     if precision == "int8" and calibration is None:
-        msg = "INT8 quantisation needs calibration images: pass calibration_images=FOLDER (--calibration-images) or a datamodule."
+        msg = ("INT8 quantisation needs calibration images: pass calibration_images=FOLDER (--calibration-images) "
+               "or a datamodule.")
         raise InvalidInputError(msg)
     _replace_output(directory)
 
@@ -214,7 +215,9 @@ def _versions(precision: Precision) -> dict[str, str]:
     return versions
 
 
-def _verify(directory: Path, model: AnomalousPatchCore, calibration: torch.Tensor | None, image_size: tuple[int, int]) -> dict:
+def _verify(
+    directory: Path, model: AnomalousPatchCore, calibration: torch.Tensor | None, image_size: tuple[int, int],
+) -> dict:
     """Parity of the written bundle with the model on a few calibration images (fixed noise images without)."""
     if calibration is not None:
         images, source = calibration[:VERIFICATION_IMAGES], "calibration images"

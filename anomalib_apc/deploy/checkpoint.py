@@ -102,15 +102,20 @@ def _safe_unpickle(path: Path, data: bytes) -> dict[str, Any]:
         with torch.serialization.safe_globals(SAFE_CHECKPOINT_GLOBALS):
             checkpoint = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        refused = re.search(r"GLOBAL ([\w.]+)", str(error))
-        if "Weights only load failed" in str(error):
-            detail = f" ({refused.group(1)})" if refused else ""
+        refused_global = re.search(r"GLOBAL ([\w.]+)", str(error))
+        stopped_at = re.search(r"Unsupported operand \d+", str(error))
+        if refused_global:
             msg = (
-                f"{path}: refused: the file holds Python objects other than tensors and plain data{detail}, "
-                "which could run code when unpickled; export only checkpoints written by anomalib training."
+                f"{path}: refused: the file holds Python objects other than tensors and plain data "
+                f"({refused_global.group(1)}), which could run code when unpickled; export only checkpoints "
+                "written by anomalib training."
             )
         else:
-            msg = f"{path}: not a PyTorch checkpoint (cannot unpickle it: {str(error).splitlines()[0][:200]})."
+            detail = stopped_at.group(0) if stopped_at else str(error).strip().splitlines()[0][:200]
+            msg = (
+                f"{path}: not a PyTorch checkpoint that can be read safely (the weights-only unpickler stops: "
+                f"{detail}); random bytes, or a pickle that torch.save did not write."
+            )
         raise InvalidInputError(msg) from error
     # Arbitrary bytes make the unpickler fail in arbitrary ways (KeyError, EOFError, UnicodeDecodeError,
     # RuntimeError, ...); any of them means the same to the user.

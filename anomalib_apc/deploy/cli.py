@@ -8,11 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .options import INDEX_TYPES, PRECISIONS, SEARCH_MODES
-
-# Names repeated here so that building the parser imports nothing heavy (predict.py imports anomalib).
-SCORES_FILE = "scores.csv"
-OVERLAY_DIR = "overlays"
+from .options import INDEX_TYPES, OVERLAY_DIR, PRECISIONS, SCORES_FILE, SEARCH_MODES
 
 
 def add_export_bundle_arguments(parser: argparse.ArgumentParser) -> None:
@@ -81,7 +77,8 @@ def run_predict(args: argparse.Namespace) -> int:
         num_threads=args.threads,
         overwrite=args.overwrite,
     )
-    print(f"Scored {summary.scored} of {summary.images} images: {summary.scores_file}, overlays in {summary.overlay_dir}.")
+    print(f"Scored {summary.scored} of {summary.images} images: {summary.scores_file}, "
+          f"overlays in {summary.overlay_dir}.")
     if summary.failures:
         print(f"anomalib-apc predict: {len(summary.failures)} file(s) could not be read (their rows in "
               f"{summary.scores_file.name} say why):\n  " + "\n  ".join(summary.failures), file=sys.stderr)

@@ -44,7 +44,8 @@ def pre_processing_transform(model: AnomalousPatchCore) -> Callable[[torch.Tenso
 
 def model_input_size(transform: Callable[[torch.Tensor], torch.Tensor]) -> tuple[int, int]:
     """The ``(H, W)`` the pre-processor makes of any image: the graph's static spatial size."""
-    sizes = {tuple(transform(torch.zeros(1, 3, height, width)).shape[-2:]) for height, width in ((480, 640), (512, 512))}
+    probes = ((480, 640), (512, 512))
+    sizes = {tuple(transform(torch.zeros(1, 3, height, width)).shape[-2:]) for height, width in probes}
     if len(sizes) != 1:
         msg = (
             "The model's pre-processor does not bring every image to one size (no Resize to a fixed (H, W)); "

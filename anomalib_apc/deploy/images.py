@@ -166,7 +166,8 @@ def _unit_range(array: np.ndarray, source: str) -> np.ndarray:
         return (array.astype(np.float32) / np.iinfo(array.dtype).max).astype(np.float32)
     if np.issubdtype(array.dtype, np.floating):
         if array.size and (np.nanmin(array) < 0 or np.nanmax(array) > 1):
-            msg = f"{source}: a float image must lie in [0, 1], got values in [{np.nanmin(array):.3g}, {np.nanmax(array):.3g}]."
+            low, high = np.nanmin(array), np.nanmax(array)
+            msg = f"{source}: a float image must lie in [0, 1], got values in [{low:.3g}, {high:.3g}]."
             raise ImageReadError(msg)
         return array.astype(np.float32)
     msg = f"{source}: unsupported image data type {array.dtype}."

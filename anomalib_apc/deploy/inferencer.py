@@ -92,7 +92,9 @@ class MemoryBankScoring:
         squared, ids = self.index.search(np.ascontiguousarray(embedding.numpy(), dtype=np.float32), n_neighbors)
         return torch.from_numpy(np.sqrt(squared.clip(min=0))), torch.from_numpy(ids)
 
-    def image_scores(self, patch_scores: torch.Tensor, locations: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+    def image_scores(
+        self, patch_scores: torch.Tensor, locations: torch.Tensor, embedding: torch.Tensor,
+    ) -> torch.Tensor:
         """PatchCore's image scores ``(B,)`` from patch scores and nearest-row ids ``(B, h*w)`` and patch rows."""
         return PatchcoreModel.compute_anomaly_score(self, patch_scores, locations, embedding)  # type: ignore[arg-type]
 
@@ -189,7 +191,8 @@ class ApcInferencer:
             raise InvalidInputError(msg) from error
         expected = (self.metadata.memory_bank_size, self.metadata.embedding_dim)
         if (index.ntotal, index.d) != expected:
-            msg = f"{path}: {index.ntotal} rows of {index.d} features, but the metadata says {expected[0]} of {expected[1]}."
+            msg = (f"{path}: {index.ntotal} rows of {index.d} features, but the metadata says "
+                   f"{expected[0]} of {expected[1]}.")
             raise InvalidInputError(msg)
         return index
 
@@ -210,7 +213,9 @@ class ApcInferencer:
             return None
         post_processor = self._post_processor_class(description["class_path"])()
         post_processor.load_checkpoint_config(description["config"])
-        state = {name: torch.tensor(float("nan") if value is None else value) for name, value in description["state"].items()}
+        state = {
+            name: torch.tensor(float("nan") if value is None else value) for name, value in description["state"].items()
+        }
         post_processor.load_state_dict(state, strict=False)
         return post_processor.eval()
 
@@ -236,13 +241,14 @@ class ApcInferencer:
         return candidate
 
     def prepare(self, images: ImageInput | list[ImageInput]) -> PreparedImages:
-        """Read and pre-process images as the model's pre-processor does; other sizes are resized (noted once per size)."""
+        """Read and pre-process images as the model's pre-processor does; other sizes are resized (noted once each)."""
         tensors, paths = [], []
         for image, path in to_image_tensors(images, file_size=self.image_size):
             size = tuple(image.shape[-2:])
             if size != self.image_size:
                 if size not in self._noted_sizes:
-                    logger.info("Images of %dx%d pixels are resized to the model's %dx%d input.", *size[::-1], *self.image_size[::-1])
+                    logger.info("Images of %dx%d pixels are resized to the model's %dx%d input.",
+                                *size[::-1], *self.image_size[::-1])
                     self._noted_sizes.add(size)
                 image = resize(image, list(self.image_size), antialias=True)
             tensors.append(image)

@@ -122,7 +122,8 @@ def read_metadata(bundle: str | Path) -> BundleMetadata:
         msg = f"{path}: not valid JSON ({error})."
         raise InvalidInputError(msg) from error
     if not isinstance(fields, dict) or fields.get("format") != BUNDLE_FORMAT:
-        msg = f"{path}: not an anomalib-apc bundle (format {fields.get('format') if isinstance(fields, dict) else None!r})."
+        found = fields.get("format") if isinstance(fields, dict) else None
+        msg = f"{path}: not an anomalib-apc bundle (format {found!r})."
         raise InvalidInputError(msg)
     if fields.get("format_version") != BUNDLE_FORMAT_VERSION:
         msg = (
@@ -131,12 +132,14 @@ def read_metadata(bundle: str | Path) -> BundleMetadata:
         )
         raise InvalidInputError(msg)
     if fields.get("architecture") != ARCHITECTURE:
-        msg = f"{path}: a bundle of architecture {fields.get('architecture')!r}; ApcInferencer runs {ARCHITECTURE!r} only."
+        msg = (f"{path}: a bundle of architecture {fields.get('architecture')!r}; "
+               f"ApcInferencer runs {ARCHITECTURE!r} only.")
         raise InvalidInputError(msg)
     expected = {field.name for field in dataclasses.fields(BundleMetadata)}
     missing, unknown = sorted(expected - set(fields)), sorted(set(fields) - expected)
     if missing or unknown:
-        msg = f"{path}: metadata fields missing {missing} / unknown {unknown} for format version {BUNDLE_FORMAT_VERSION}."
+        msg = (f"{path}: metadata fields missing {missing} / unknown {unknown} "
+               f"for format version {BUNDLE_FORMAT_VERSION}.")
         raise InvalidInputError(msg)
     for name in ("image_size", "feature_map_size"):
         fields[name] = tuple(fields[name])

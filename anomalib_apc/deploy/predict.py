@@ -25,10 +25,8 @@ from anomalib_apc.errors import InvalidInputError, OutputExistsError
 
 from .images import ImageReadError, list_image_files, read_image_file
 from .inferencer import ApcInferencer
-from .options import SearchMode
+from .options import OVERLAY_DIR, SCORES_FILE, SearchMode
 
-SCORES_FILE = "scores.csv"
-OVERLAY_DIR = "overlays"
 SCORE_COLUMNS = ("path", "status", "score", "label", "overlay")
 STATUS_OK = "ok"
 OVERLAY_SUFFIX = ".png"
@@ -138,7 +136,8 @@ def _check_output(directory: Path, overwrite: bool) -> None:
         raise OutputExistsError(msg)
     if directory.is_dir() and any(directory.iterdir()):
         if not overwrite:
-            msg = f"{directory} exists and is not empty; choose another folder or replace its predictions (--overwrite)."
+            msg = (f"{directory} exists and is not empty; choose another folder "
+                   "or replace its predictions (--overwrite).")
             raise OutputExistsError(msg)
         unknown = sorted(path.name for path in directory.iterdir() if path.name not in {SCORES_FILE, OVERLAY_DIR})
         if unknown:
