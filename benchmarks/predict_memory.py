@@ -58,12 +58,19 @@ def make_bundle(folder: Path, image_size: int) -> Path:
     return export_bundle(model, folder)
 
 
+def current_rss_mb() -> float:
+    """The process's resident set now (Linux ``/proc``), in MB."""
+    status = Path("/proc/self/status").read_text()
+    return next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")) / 1024
+
+
 def child(mode: str, bundle: Path, images: Path, output: Path, batch_size: int) -> None:
-    """Score the images one way and print ``peak_rss_mb seconds``."""
+    """Score the images one way and print ``rss_after_loading_mb peak_rss_mb seconds``."""
     from anomalib_apc.deploy import ApcInferencer, predict_folder
     from anomalib_apc.deploy.images import list_image_files, read_image_file
 
     inferencer = ApcInferencer(bundle)
+    loaded = current_rss_mb()
     started = time.perf_counter()
     if mode == "bounded":
         predict_folder(inferencer, [images], output, batch_size=batch_size, show_progress=False)
@@ -72,7 +79,7 @@ def child(mode: str, bundle: Path, images: Path, output: Path, batch_size: int) 
         for start in range(0, len(files), batch_size):
             inferencer.predict([read_image_file(path) for path in files[start:start + batch_size]])
     seconds = time.perf_counter() - started
-    print(f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} {seconds:.1f}")
+    print(f"{loaded:.0f} {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} {seconds:.1f}")
 
 
 def main() -> None:
@@ -102,8 +109,8 @@ def main() -> None:
                  "--batch-size", str(args.batch_size)],
                 check=True, capture_output=True, text=True,
             )
-            peak, seconds = result.stdout.split()[-2:]
-            print(f"{mode:>9}: peak RSS {peak} MB, {seconds} s")
+            loaded, peak, seconds = result.stdout.split()[-3:]
+            print(f"{mode:>9}: peak RSS {peak} MB ({loaded} MB after loading the bundle), {seconds} s")
 
 
 if __name__ == "__main__":

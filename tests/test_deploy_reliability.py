@@ -268,13 +268,18 @@ def test_every_input_gets_a_row_and_a_bomb_does_not_stop_the_run(bundles, tmp_pa
 
 
 class _InterruptedInferencer(ApcInferencer):
-    """Stops (as Ctrl-C would) at its second batch."""
+    """Stops (as Ctrl-C would) at its second batch, noting what ``scores.csv`` holds on disk by then."""
 
-    calls = 0
+    def __init__(self, bundle: Path, scores_file: Path) -> None:
+        super().__init__(bundle)
+        self.scores_file = scores_file
+        self.calls = 0
+        self.on_disk_when_stopped = ""
 
     def predict(self, images: list[torch.Tensor]) -> object:
         self.calls += 1
         if self.calls == 2:
+            self.on_disk_when_stopped = self.scores_file.read_text()
             raise KeyboardInterrupt
         return super().predict(images)
 
@@ -282,8 +287,12 @@ class _InterruptedInferencer(ApcInferencer):
 @pytest.mark.integration
 def test_interrupted_run_keeps_the_rows_it_scored(bundles, tmp_path: Path) -> None:
     images = [_image(tmp_path / "in" / f"{number}.png", seed=number) for number in range(5)]
+    inferencer = _InterruptedInferencer(bundles[0], tmp_path / "out" / "scores.csv")
     with pytest.raises(KeyboardInterrupt):
-        predict_folder(_InterruptedInferencer(bundles[0]), images, tmp_path / "out", batch_size=2, show_progress=False)
+        predict_folder(inferencer, images, tmp_path / "out", batch_size=2, show_progress=False)
+    # The first batch was on disk before the second started (a killed process keeps it), and stays.
+    written = list(csv.DictReader(io.StringIO(inferencer.on_disk_when_stopped)))
+    assert [row["path"] for row in written] == [str(path) for path in images[:2]]
     assert [row["path"] for row in _rows(tmp_path / "out")] == [str(path) for path in images[:2]]
 
 
