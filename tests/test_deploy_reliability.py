@@ -28,7 +28,11 @@ from anomalib_apc.cli import main as apc_main
 from anomalib_apc.deploy import ApcInferencer, export_bundle, predict_folder, read_metadata
 from anomalib_apc.deploy.images import list_image_files, read_image_file
 from anomalib_apc.deploy.search import ApproximateSearch, flat_vectors, nearest_candidate
-from anomalib_apc.deploy.search_export import approximate_index_recipe, build_approximate_index
+from anomalib_apc.deploy.search_export import (
+    ApproximateIndexRecipe,
+    approximate_index_recipe,
+    build_approximate_index,
+)
 from anomalib_apc.errors import InvalidInputError, OutputExistsError
 from anomalib_apc.models import AnomalousPatchCore
 
@@ -170,8 +174,9 @@ def test_approximate_search_equals_exact_re_ranking_of_the_candidates() -> None:
     queries = (rng.standard_normal((300, 6)) @ basis + 0.3 * rng.standard_normal((300, 48))).astype(np.float32)
     exact = faiss.IndexFlatL2(48)
     exact.add(bank)
-    for index_type in ("hnsw", "ivf"):
-        recipe = approximate_index_recipe(index_type, len(bank))
+    # A product-quantised index ranks by approximate distances, which the refinement must replace.
+    quantised = ApproximateIndexRecipe("ivf", "IVF16,PQ8x4", "nprobe=4", candidates=8)
+    for recipe in (approximate_index_recipe("hnsw", len(bank)), approximate_index_recipe("ivf", len(bank)), quantised):
         index = build_approximate_index(bank, recipe)
         distances, ids = ApproximateSearch(index, exact, recipe.candidates).nearest(queries)
         _, candidates = index.search(queries, recipe.candidates)
