@@ -6,6 +6,7 @@ for the module and exported once; tests that break a bundle work on a copy.
 
 import contextlib
 import csv
+import hashlib
 import io
 import json
 import logging
@@ -24,15 +25,8 @@ from anomalib_apc.data import SupervisedMVTecAD
 from anomalib_apc.deploy import ApcInferencer, ImageReadError, compare_with_model, export_bundle, read_metadata
 from anomalib_apc.deploy.images import list_image_files, read_image_file
 from anomalib_apc.deploy.options import APPROXIMATE_INDEX_TYPES
-from anomalib_apc.deploy.search import (
-    BoundedExactSearch,
-    BoundProjection,
-    BruteForceSearch,
-    approximate_index_recipe,
-    held_out_recall,
-    held_out_split,
-    measure_bound,
-)
+from anomalib_apc.deploy.search import BoundedExactSearch, BoundProjection, BruteForceSearch
+from anomalib_apc.deploy.search_export import approximate_index_recipe, held_out_recall, held_out_split, measure_bound
 from anomalib_apc.models import AnomalousPatchCore
 
 IMAGE_SIZE = 64
@@ -95,7 +89,12 @@ def test_bundle_holds_graph_indexes_and_metadata(bundle: Path, trained) -> None:
     assert metadata.embedding_dim == 128 + 256
     assert metadata.memory_bank_size == model.model.memory_bank.shape[0]
     assert metadata.normalization == {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
-    assert metadata.source_checkpoint == str(checkpoint)
+    assert metadata.source_checkpoint["path"] == str(checkpoint)
+    assert metadata.source_checkpoint["sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    assert metadata.source_checkpoint["global_step"] > 0
+    assert set(metadata.checksums) == set(metadata.files())
+    memory_bank_digest = hashlib.sha256((bundle / "memory_bank.faiss").read_bytes()).hexdigest()
+    assert metadata.checksums["memory_bank.faiss"] == memory_bank_digest
     assert set(metadata.versions) == {"anomalib_apc", "anomalib", "openvino", "faiss", "torch"}
     state = metadata.post_processor["state"]
     assert state["_image_threshold"] == pytest.approx(float(model.post_processor.image_threshold))
@@ -285,18 +284,18 @@ def test_bundle_of_another_architecture_is_refused(bundle_copy: Path) -> None:
 
 def test_bundle_with_a_missing_file_is_refused(bundle_copy: Path) -> None:
     (bundle_copy / "memory_bank.faiss").unlink()
-    with pytest.raises(FileNotFoundError, match="memory_bank.faiss"):
+    with pytest.raises(FileNotFoundError, match=r"memory_bank\.faiss"):
         ApcInferencer(bundle_copy)
     with pytest.raises(FileNotFoundError, match="not a bundle"):
         ApcInferencer(bundle_copy.parent)
 
 
 def test_bundle_whose_files_disagree_with_the_metadata_is_refused(bundle_copy: Path) -> None:
-    _edit_metadata(bundle_copy, memory_bank_size=7)
-    with pytest.raises(ValueError, match="memory_bank.faiss: .* rows"):
+    _edit_metadata(bundle_copy, memory_bank_size=read_metadata(bundle_copy).memory_bank_size + 1)
+    with pytest.raises(ValueError, match=r"memory_bank\.faiss: .* rows"):
         ApcInferencer(bundle_copy)
-    _edit_metadata(bundle_copy, memory_bank_size=read_metadata(bundle_copy).memory_bank_size, embedding_dim=99)
-    with pytest.raises(ValueError, match="embedding.xml: graph maps"):
+    _edit_metadata(bundle_copy, memory_bank_size=read_metadata(bundle_copy).memory_bank_size - 1, embedding_dim=99)
+    with pytest.raises(ValueError, match=r"embedding\.xml: graph maps"):
         ApcInferencer(bundle_copy)
 
 
@@ -339,9 +338,9 @@ def test_image_of_another_size_is_resized_with_a_note(inferencer: ApcInferencer,
 def test_unreadable_images_raise_errors_naming_them(inferencer: ApcInferencer, tmp_path: Path) -> None:
     corrupt = tmp_path / "corrupt.png"
     corrupt.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
-    with pytest.raises(ImageReadError, match="corrupt.png: cannot read this file as an image"):
+    with pytest.raises(ImageReadError, match=r"corrupt\.png: cannot read this file as an image"):
         inferencer.predict(corrupt)
-    with pytest.raises(FileNotFoundError, match="missing.png"):
+    with pytest.raises(FileNotFoundError, match=r"missing\.png"):
         inferencer.predict(tmp_path / "missing.png")
     with pytest.raises(ImageReadError, match="1 \\(gray\\), 3 \\(RGB\\) or 4 \\(RGBA\\) channels, got 2"):
         inferencer.predict(torch.rand(2, IMAGE_SIZE, IMAGE_SIZE))
@@ -370,7 +369,11 @@ def test_cli_exports_and_predicts_with_overlays_and_scores(exported, trained, ti
     with (predictions / "scores.csv").open() as scores_file:
         rows = list(csv.DictReader(scores_file))
     images = list_image_files([test_dir])
-    assert [row["path"] for row in rows] == [str(path) for path in images]
+    assert [row["path"] for row in rows] == [*map(str, images), str(corrupt)]
+    *rows, corrupt_row = rows
+    assert corrupt_row["status"].startswith(f"{corrupt}: cannot read this file as an image")
+    assert corrupt_row["score"] == corrupt_row["label"] == ""
+    assert {row["status"] for row in rows} == {"ok"}
     assert {row["label"] for row in rows} <= {"normal", "anomalous"}
     expected = ApcInferencer(bundle).predict(images).pred_score
     np.testing.assert_allclose([float(row["score"]) for row in rows], expected.numpy(), atol=1e-5)

@@ -4,9 +4,10 @@ The names below are imported on first use, so that ``anomalib-apc --help`` and t
 do not pay for torch, OpenVINO and faiss.
 
 Example:
-    >>> from anomalib_apc.deploy import ApcInferencer, export_bundle
+    >>> from anomalib_apc.deploy import ApcInferencer, export_bundle, predict_folder
     >>> export_bundle("results/.../model.ckpt", "bundle")
     >>> ApcInferencer("bundle").predict("image.png").pred_score
+    >>> predict_folder("bundle", ["images/"], "predictions").failures
 """
 
 import importlib
@@ -21,16 +22,18 @@ _MODULE_OF = {
     "BundleMetadata": "metadata",
     "ImageReadError": "images",
     "ParityReport": "parity",
+    "PredictionSummary": "predict",
     "compare_with_model": "parity",
     "export_bundle": "bundle",
-    "load_checkpoint": "bundle",
+    "load_checkpoint": "checkpoint",
+    "predict_folder": "predict",
     "read_metadata": "metadata",
 }
 
 __all__ = sorted(_MODULE_OF)
 
 
-def __getattr__(name: str) -> Any:  # noqa: ANN401 - any of the exported objects
+def __getattr__(name: str) -> Any:
     if name not in _MODULE_OF:
         msg = f"module {__name__!r} has no attribute {name!r}"
         raise AttributeError(msg)

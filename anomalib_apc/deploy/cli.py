@@ -1,15 +1,14 @@
-"""``anomalib-apc export-bundle`` and ``anomalib-apc predict``: argument parsing and console output only."""
+"""``anomalib-apc export-bundle`` and ``anomalib-apc predict``: argument parsing and console output only.
+
+The work is done by ``export_bundle`` (``bundle.py``) and ``predict_folder`` (``predict.py``), which
+Python callers use directly.
+"""
 
 import argparse
-import csv
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 
-from .options import INDEX_TYPES, PRECISIONS, SEARCH_MODES
-
-SCORES_FILE = "scores.csv"
-OVERLAY_DIR = "overlays"
+from .options import INDEX_TYPES, OVERLAY_DIR, PRECISIONS, SCORES_FILE, SEARCH_MODES
 
 
 def add_export_bundle_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,7 +17,7 @@ def add_export_bundle_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
                         help="graph weights: fp32 (parity with PyTorch), fp16, or int8 (needs --calibration-images)")
     parser.add_argument("--index", choices=INDEX_TYPES, default="flat",
-                        help="flat: exact search only; hnsw/ivf: also an approximate index, used by default at inference")
+                        help="flat: exact search only; hnsw/ivf: also an approximate index, used by default")
     parser.add_argument("--calibration-images", type=Path,
                         help="folder of (normal) images for INT8 calibration, recall measurement and the parity check")
     parser.add_argument("--max-calibration-images", type=int, default=300, help="read at most this many (default 300)")
@@ -61,63 +60,27 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--search", choices=SEARCH_MODES, default="default",
                         help="default: the bundle's approximate index if any, else exact; exact; brute_force")
     parser.add_argument("--threads", type=int, help="CPU threads for OpenVINO and faiss (default: all available)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help=f"replace the {SCORES_FILE} and {OVERLAY_DIR}/ of an earlier run in --output")
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    """Score every image; unreadable files are reported and skipped, and make the exit status 1."""
-    from anomalib.visualization import ImageVisualizer
-    from tqdm import tqdm
+    """Score every image; a file that cannot be read gets its error in its row and makes the exit status 1."""
+    from .predict import predict_folder
 
-    from .images import ImageReadError, list_image_files, read_image_file
-    from .inferencer import ApcInferencer
-
-    if args.batch_size < 1:
-        msg = f"--batch-size must be at least 1, got {args.batch_size}."
-        raise ValueError(msg)
-    files = list_image_files(args.paths)
-    inferencer = ApcInferencer(args.bundle, num_threads=args.threads, search=args.search)
-    overlay_root = args.output / OVERLAY_DIR
-    overlay_root.mkdir(parents=True, exist_ok=True)
-    common_parent = _common_parent(files)
-    visualizer = ImageVisualizer()
-    failures: list[str] = []
-    with (args.output / SCORES_FILE).open("w", newline="") as scores_file, \
-            tqdm(total=len(files), desc="Scoring images", unit="image") as progress:
-        scores = csv.writer(scores_file)
-        scores.writerow(["path", "score", "label"])
-        for start in range(0, len(files), args.batch_size):
-            readable, images = [], []
-            for path in files[start:start + args.batch_size]:
-                try:
-                    images.append(read_image_file(path))
-                    readable.append(path)
-                except (ImageReadError, FileNotFoundError) as error:
-                    failures.append(str(error))
-                    tqdm.write(f"anomalib-apc predict: skipped: {error}", file=sys.stderr)
-            if images:
-                result = inferencer.predict(images)
-                for path, item, overlay in zip(readable, result, _as_list(visualizer.visualize(result)), strict=True):
-                    label = "" if item.pred_label is None else ("anomalous" if bool(item.pred_label) else "normal")
-                    scores.writerow([str(path), f"{float(item.pred_score):.6f}", label])
-                    overlay_path = (overlay_root / path.resolve().relative_to(common_parent)).with_suffix(".png")
-                    overlay_path.parent.mkdir(parents=True, exist_ok=True)
-                    overlay.save(overlay_path)
-            progress.update(len(files[start:start + args.batch_size]))
-    print(f"Scored {len(files) - len(failures)} of {len(files)} images: {args.output / SCORES_FILE}, overlays in {overlay_root}.")
-    if failures:
-        print(f"anomalib-apc predict: {len(failures)} file(s) could not be read:\n  " + "\n  ".join(failures), file=sys.stderr)
+    summary = predict_folder(
+        args.bundle,
+        args.paths,
+        args.output,
+        batch_size=args.batch_size,
+        search=args.search,
+        num_threads=args.threads,
+        overwrite=args.overwrite,
+    )
+    print(f"Scored {summary.scored} of {summary.images} images: {summary.scores_file}, "
+          f"overlays in {summary.overlay_dir}.")
+    if summary.failures:
+        print(f"anomalib-apc predict: {len(summary.failures)} file(s) could not be read (their rows in "
+              f"{summary.scores_file.name} say why):\n  " + "\n  ".join(summary.failures), file=sys.stderr)
         return 1
     return 0
-
-
-def _common_parent(files: Sequence[Path]) -> Path:
-    """The deepest folder holding every file, so overlays keep the inputs' sub-folders and cannot collide."""
-    parents = [file.resolve().parent for file in files]
-    common = parents[0]
-    while not all(parent.is_relative_to(common) for parent in parents):
-        common = common.parent
-    return common
-
-
-def _as_list(visualization: object) -> list:
-    return visualization if isinstance(visualization, list) else [visualization]

@@ -5,6 +5,12 @@ channels first), so that the bundle sees the same pixels as the Lightning model 
 converts silently is logged here: grayscale becomes RGB (a note at INFO level), an alpha channel is
 dropped (a WARNING, since transparent regions may hide content the model then sees), and a file that
 cannot be decoded raises ``ImageReadError`` naming the file.
+
+Files can be read straight to the model's input size (``read_image_file(path, size=...)``): an image
+at least twice that size in each direction is reduced while it is decoded (JPEG's own DCT scaling,
+then PIL's box ``reduce`` by a whole factor that keeps at least twice the size), so a 6000 x 6000
+photograph never becomes a full-size float tensor; the final antialiased resize is the one the
+inferencer applies to any other image.
 """
 
 import logging
@@ -13,8 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
-from torchvision.transforms.v2.functional import to_dtype, to_image
+from PIL import Image
+from torchvision.transforms.v2.functional import resize, to_dtype, to_image
+
+from anomalib_apc.errors import InvalidInputError, MissingInputError
 
 from anomalib_apc.data.image_files import IMAGE_SUFFIXES
 
@@ -26,7 +34,7 @@ _GRAYSCALE_MODES = {"1", "L", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 
 
-class ImageReadError(ValueError):
+class ImageReadError(InvalidInputError):
     """An image that cannot be used: unreadable file, or an array of an unusable shape or type."""
 
 
@@ -34,7 +42,7 @@ def list_image_files(paths: Iterable[str | Path]) -> list[Path]:
     """The given files, and the image files found (recursively, sorted) in the given folders.
 
     Raises:
-        FileNotFoundError: A path does not exist, or a folder holds no image file.
+        MissingInputError: A path does not exist, or a folder holds no image file.
     """
     files: list[Path] = []
     for path in map(Path, paths):
@@ -42,36 +50,58 @@ def list_image_files(paths: Iterable[str | Path]) -> list[Path]:
             found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
             if not found:
                 msg = f"{path}: no image file ({', '.join(IMAGE_SUFFIXES)}) in this folder."
-                raise FileNotFoundError(msg)
+                raise MissingInputError(msg)
             files.extend(found)
         elif path.is_file():
             files.append(path)
         else:
             msg = f"{path}: no such file or folder."
-            raise FileNotFoundError(msg)
+            raise MissingInputError(msg)
     return files
 
 
-def read_image_file(path: str | Path) -> torch.Tensor:
-    """An image file as an RGB float tensor ``(3, H, W)`` in ``[0, 1]``.
+def read_image_file(path: str | Path, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """An image file as an RGB float tensor ``(3, H, W)`` in ``[0, 1]``, at ``size`` ``(H, W)`` if given.
 
     Raises:
-        FileNotFoundError: The file does not exist.
-        ImageReadError: The file is not a decodable image (truncated, corrupt, another format).
+        MissingInputError: The file does not exist.
+        ImageReadError: The file is not a decodable image (truncated, corrupt, another format, or so
+            large that PIL refuses it as a decompression bomb).
     """
     path = Path(path)
     if not path.is_file():
         msg = f"{path}: no such image file."
-        raise FileNotFoundError(msg)
+        raise MissingInputError(msg)
     try:
         with Image.open(path) as image:
+            if size is not None:
+                image.draft(None, (2 * size[1], 2 * size[0]))
             image.load()
-            return pil_to_tensor(image, source=str(path))
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        if isinstance(error, ImageReadError):
-            raise
-        msg = f"{path}: cannot read this file as an image ({error})."
+            tensor = pil_to_tensor(image if size is None else _reduced(image, size), source=str(path))
+    except ImageReadError:
+        raise
+    # PIL's decoders fail on corrupt data in many ways (OSError, SyntaxError, ValueError, struct.error,
+    # IndexError, DecompressionBombError, ...); to the user each means that this file is unusable.
+    except Exception as error:
+        msg = f"{path}: cannot read this file as an image ({type(error).__name__}: {error})."
         raise ImageReadError(msg) from error
+    if size is not None and tuple(tensor.shape[-2:]) != tuple(size):
+        tensor = resize(tensor, list(size), antialias=True)
+    return tensor
+
+
+def _reduced(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """``image`` shrunk by the largest whole factor that keeps it at least twice ``size`` ``(H, W)``."""
+    factor = min(image.height // (2 * size[0]), image.width // (2 * size[1]))
+    if factor < 2:
+        return image
+    if image.mode.startswith("I;16"):
+        image = image.convert("I")  # the same values, in a mode that PIL can reduce
+    elif image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    elif image.mode == "1":
+        image = image.convert("L")
+    return image.reduce(factor)
 
 
 def pil_to_tensor(image: Image.Image, source: str) -> torch.Tensor:
@@ -137,28 +167,32 @@ def _unit_range(array: np.ndarray, source: str) -> np.ndarray:
         return (array.astype(np.float32) / np.iinfo(array.dtype).max).astype(np.float32)
     if np.issubdtype(array.dtype, np.floating):
         if array.size and (np.nanmin(array) < 0 or np.nanmax(array) > 1):
-            msg = f"{source}: a float image must lie in [0, 1], got values in [{np.nanmin(array):.3g}, {np.nanmax(array):.3g}]."
+            low, high = np.nanmin(array), np.nanmax(array)
+            msg = f"{source}: a float image must lie in [0, 1], got values in [{low:.3g}, {high:.3g}]."
             raise ImageReadError(msg)
         return array.astype(np.float32)
     msg = f"{source}: unsupported image data type {array.dtype}."
     raise ImageReadError(msg)
 
 
-def to_image_tensors(images: ImageInput | list[ImageInput] | tuple[ImageInput, ...]) -> list[tuple[torch.Tensor, str | None]]:
+def to_image_tensors(
+    images: ImageInput | list[ImageInput] | tuple[ImageInput, ...],
+    file_size: tuple[int, int] | None = None,
+) -> list[tuple[torch.Tensor, str | None]]:
     """Every image of the input as ``(RGB tensor (3, H, W), its file path or None)``.
 
     Accepts one image or a list of them: file paths, PIL images, ``(H, W[, C])`` arrays, ``(C, H, W)``
-    tensors, or a ``(B, C, H, W)`` tensor as a batch.
+    tensors, or a ``(B, C, H, W)`` tensor as a batch. Files are read at ``file_size`` if given.
     """
     if isinstance(images, torch.Tensor) and images.ndim == 4:
         return [(tensor_to_tensor(image, f"image {index} of the batch"), None) for index, image in enumerate(images)]
     items = list(images) if isinstance(images, list | tuple) else [images]
-    return [_one_image(item, index) for index, item in enumerate(items)]
+    return [_one_image(item, index, file_size) for index, item in enumerate(items)]
 
 
-def _one_image(image: ImageInput, index: int) -> tuple[torch.Tensor, str | None]:
+def _one_image(image: ImageInput, index: int, file_size: tuple[int, int] | None) -> tuple[torch.Tensor, str | None]:
     if isinstance(image, str | Path):
-        return read_image_file(image), str(image)
+        return read_image_file(image, size=file_size), str(image)
     source = f"image {index}"
     if isinstance(image, Image.Image):
         return pil_to_tensor(image, source), None

@@ -32,8 +32,11 @@ from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from torchvision.transforms.v2.functional import resize
 
+from anomalib_apc.errors import InvalidInputError
+
+from .checksums import verify_checksums
 from .images import ImageInput, to_image_tensors
-from .metadata import GRAPH_FILE, MEMORY_BANK_FILE, BundleMetadata, read_metadata
+from .metadata import GRAPH_FILE, MEMORY_BANK_FILE, METADATA_FILE, BundleMetadata, read_metadata
 from .options import SEARCH_MODES, SearchMode
 from .search import (
     ApproximateSearch,
@@ -89,7 +92,9 @@ class MemoryBankScoring:
         squared, ids = self.index.search(np.ascontiguousarray(embedding.numpy(), dtype=np.float32), n_neighbors)
         return torch.from_numpy(np.sqrt(squared.clip(min=0))), torch.from_numpy(ids)
 
-    def image_scores(self, patch_scores: torch.Tensor, locations: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+    def image_scores(
+        self, patch_scores: torch.Tensor, locations: torch.Tensor, embedding: torch.Tensor,
+    ) -> torch.Tensor:
         """PatchCore's image scores ``(B,)`` from patch scores and nearest-row ids ``(B, h*w)`` and patch rows."""
         return PatchcoreModel.compute_anomaly_score(self, patch_scores, locations, embedding)  # type: ignore[arg-type]
 
@@ -107,9 +112,10 @@ class ApcInferencer:
             an approximate index; ``"brute_force"``: faiss ``IndexFlatL2`` over every row.
 
     Raises:
-        FileNotFoundError: The bundle or one of its files is missing.
-        ValueError: The bundle is of another format version or architecture, or its files do not
-            agree with its metadata.
+        MissingInputError: The bundle or one of its files is missing.
+        InvalidInputError: The bundle is of another format version or architecture, a file's
+            SHA-256 differs from the one its metadata records (a file of another bundle), its files
+            do not agree with its metadata, or its post-processor is not an anomalib ``PostProcessor``.
 
     Example:
         >>> inferencer = ApcInferencer("bundle")
@@ -126,9 +132,10 @@ class ApcInferencer:
     ) -> None:
         if search not in SEARCH_MODES:
             msg = f"search must be one of {list(SEARCH_MODES)}, got {search!r}."
-            raise ValueError(msg)
+            raise InvalidInputError(msg)
         self.bundle = Path(bundle)
         self.metadata: BundleMetadata = read_metadata(self.bundle)
+        verify_checksums(self.bundle, self.metadata.checksums, self.metadata.files())
         self.num_threads = num_threads or available_cpus()
         faiss.omp_set_num_threads(self.num_threads)
         self.graph = self._compile_graph(device)
@@ -151,7 +158,7 @@ class ApcInferencer:
             model = ov.Core().read_model(path)
         except RuntimeError as error:
             msg = f"{path}: OpenVINO cannot read this graph ({error})."
-            raise ValueError(msg) from error
+            raise InvalidInputError(msg) from error
         height, width = self.metadata.image_size
         input_shape, output_shape = model.input(0).get_partial_shape(), model.output(0).get_partial_shape()
         expected_input = ov.PartialShape([-1, 3, height, width])
@@ -161,7 +168,7 @@ class ApcInferencer:
                 f"{path}: graph maps {input_shape} to {output_shape}, but the metadata says {expected_input} to "
                 f"{expected_output}; the bundle's files do not belong together, export it again."
             )
-            raise ValueError(msg)
+            raise InvalidInputError(msg)
         config: dict[str, object] = {"INFERENCE_NUM_THREADS": self.num_threads, "PERFORMANCE_HINT": "LATENCY"}
         if self.metadata.precision != "int8":
             # Keep float32 arithmetic where a CPU would default to bfloat16 (parity with the PyTorch model).
@@ -172,7 +179,7 @@ class ApcInferencer:
         index = self._read_index(MEMORY_BANK_FILE)
         if not isinstance(index, faiss.IndexFlatL2):
             msg = f"{self.bundle / MEMORY_BANK_FILE}: expected an exact IndexFlatL2, found {type(index).__name__}."
-            raise ValueError(msg)
+            raise InvalidInputError(msg)
         return index
 
     def _read_index(self, name: str) -> faiss.Index:
@@ -181,11 +188,12 @@ class ApcInferencer:
             index = faiss.read_index(str(path))
         except RuntimeError as error:
             msg = f"{path}: faiss cannot read this index ({str(error).splitlines()[0]})."
-            raise ValueError(msg) from error
+            raise InvalidInputError(msg) from error
         expected = (self.metadata.memory_bank_size, self.metadata.embedding_dim)
         if (index.ntotal, index.d) != expected:
-            msg = f"{path}: {index.ntotal} rows of {index.d} features, but the metadata says {expected[0]} of {expected[1]}."
-            raise ValueError(msg)
+            msg = (f"{path}: {index.ntotal} rows of {index.d} features, but the metadata says "
+                   f"{expected[0]} of {expected[1]}.")
+            raise InvalidInputError(msg)
         return index
 
     def _make_search(self, mode: SearchMode) -> NearestNeighbourSearch:
@@ -193,7 +201,7 @@ class ApcInferencer:
         if mode == "default" and approximate:
             index = self._read_index(approximate["file"])
             apply_search_parameters(index, approximate["search_parameters"])
-            return ApproximateSearch(index, flat_vectors(self.memory_bank), approximate["candidates"])
+            return ApproximateSearch(index, self.memory_bank, approximate["candidates"])
         if mode != "brute_force" and exact:
             projection = BoundProjection.load(self.bundle / exact["file"])
             return BoundedExactSearch(self.memory_bank, projection, exact["candidates"])
@@ -203,22 +211,44 @@ class ApcInferencer:
         description = self.metadata.post_processor
         if description is None:
             return None
-        module_name, _, class_name = description["class_path"].rpartition(".")
-        post_processor_class = getattr(importlib.import_module(module_name), class_name)
-        post_processor = post_processor_class()
+        post_processor = self._post_processor_class(description["class_path"])()
         post_processor.load_checkpoint_config(description["config"])
-        state = {name: torch.tensor(float("nan") if value is None else value) for name, value in description["state"].items()}
+        state = {
+            name: torch.tensor(float("nan") if value is None else value) for name, value in description["state"].items()
+        }
         post_processor.load_state_dict(state, strict=False)
         return post_processor.eval()
 
+    def _post_processor_class(self, class_path: object) -> type[PostProcessor]:
+        """The class ``class_path`` names, if it is anomalib's ``PostProcessor`` or a subclass; checked before any call.
+
+        The metadata is a plain file that anyone may edit: an arbitrary importable callable there
+        (``os.abort``) must not run.
+        """
+        where = f"{self.bundle / METADATA_FILE}: post_processor.class_path {class_path!r}"
+        module_name, _, class_name = class_path.rpartition(".") if isinstance(class_path, str) else ("", "", "")
+        if not module_name or not class_name:
+            msg = f"{where} is not a dotted 'module.Class' path."
+            raise InvalidInputError(msg)
+        try:
+            candidate = getattr(importlib.import_module(module_name), class_name)
+        except (ImportError, AttributeError) as error:
+            msg = f"{where} cannot be imported ({error})."
+            raise InvalidInputError(msg) from error
+        if not (isinstance(candidate, type) and issubclass(candidate, PostProcessor)):
+            msg = f"{where} is not a subclass of anomalib's PostProcessor; refusing to call it."
+            raise InvalidInputError(msg)
+        return candidate
+
     def prepare(self, images: ImageInput | list[ImageInput]) -> PreparedImages:
-        """Read and pre-process images as the model's pre-processor does; other sizes are resized (noted once per size)."""
+        """Read and pre-process images as the model's pre-processor does; other sizes are resized (noted once each)."""
         tensors, paths = [], []
-        for image, path in to_image_tensors(images):
+        for image, path in to_image_tensors(images, file_size=self.image_size):
             size = tuple(image.shape[-2:])
             if size != self.image_size:
                 if size not in self._noted_sizes:
-                    logger.info("Images of %dx%d pixels are resized to the model's %dx%d input.", *size[::-1], *self.image_size[::-1])
+                    logger.info("Images of %dx%d pixels are resized to the model's %dx%d input.",
+                                *size[::-1], *self.image_size[::-1])
                     self._noted_sizes.add(size)
                 image = resize(image, list(self.image_size), antialias=True)
             tensors.append(image)
@@ -268,7 +298,7 @@ class ApcInferencer:
             ``pred_mask``, normalised and thresholded as anomalib's post-processor does.
 
         Raises:
-            FileNotFoundError: An image file does not exist.
+            MissingInputError: An image file does not exist.
             ImageReadError: An image cannot be read or has an unusable shape; the message names it.
         """
         prepared = self.prepare(images)

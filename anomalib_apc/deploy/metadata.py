@@ -13,8 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from anomalib_apc.errors import InvalidInputError, MissingInputError
+
 BUNDLE_FORMAT = "anomalib-apc-bundle"
-BUNDLE_FORMAT_VERSION = 1
+# Version 2: SHA-256 of every file and the source checkpoint's identity.
+BUNDLE_FORMAT_VERSION = 2
 ARCHITECTURE = "AnomalousPatchCore"
 
 METADATA_FILE = "metadata.json"
@@ -53,7 +56,9 @@ class BundleMetadata:
             "recall_at_1", "mean_relative_distance_error", "recall_queries", "recall_query_source"}``,
             or ``None``.
         versions: Versions of the packages that wrote the bundle.
-        source_checkpoint: The checkpoint it was exported from, if any.
+        source_checkpoint: The checkpoint it was exported from (``{"path", "name", "sha256", "epoch",
+            "global_step"}``), or ``None`` when exported from a model in memory.
+        checksums: ``{file name: SHA-256}`` of every file but ``metadata.json``, checked at load.
         verification: Parity with the PyTorch model measured at export, or ``None``.
         format: Always ``BUNDLE_FORMAT``.
         format_version: ``BUNDLE_FORMAT_VERSION`` of the writer.
@@ -75,7 +80,8 @@ class BundleMetadata:
     exact_search: dict[str, Any] | None
     approximate_search: dict[str, Any] | None
     versions: dict[str, str]
-    source_checkpoint: str | None
+    source_checkpoint: dict[str, Any] | None
+    checksums: dict[str, str]
     verification: dict[str, Any] | None
     format: str = BUNDLE_FORMAT
     format_version: int = BUNDLE_FORMAT_VERSION
@@ -98,51 +104,63 @@ def read_metadata(bundle: str | Path) -> BundleMetadata:
     """Read and check a bundle's metadata and the presence of its files.
 
     Raises:
-        FileNotFoundError: ``bundle`` is not a folder, or ``metadata.json`` or a file it lists is missing.
-        ValueError: The metadata is not valid JSON, is of another format, format version or
-            architecture, or lacks fields.
+        MissingInputError: ``bundle`` is not a folder, or ``metadata.json`` or a file it lists is missing.
+        InvalidInputError: The metadata is not valid JSON, is of another format, format version or
+            architecture, lacks fields, or has a ``num_neighbors`` outside 1 .. memory-bank rows.
     """
     directory = Path(bundle)
     path = directory / METADATA_FILE
     if not directory.is_dir():
         msg = f"{directory}: no such bundle folder."
-        raise FileNotFoundError(msg)
+        raise MissingInputError(msg)
     if not path.is_file():
         msg = f"{path} is missing: {directory} is not a bundle written by `anomalib-apc export-bundle`."
-        raise FileNotFoundError(msg)
+        raise MissingInputError(msg)
     try:
         fields = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         msg = f"{path}: not valid JSON ({error})."
-        raise ValueError(msg) from error
+        raise InvalidInputError(msg) from error
     if not isinstance(fields, dict) or fields.get("format") != BUNDLE_FORMAT:
-        msg = f"{path}: not an anomalib-apc bundle (format {fields.get('format') if isinstance(fields, dict) else None!r})."
-        raise ValueError(msg)
+        found = fields.get("format") if isinstance(fields, dict) else None
+        msg = f"{path}: not an anomalib-apc bundle (format {found!r})."
+        raise InvalidInputError(msg)
     if fields.get("format_version") != BUNDLE_FORMAT_VERSION:
         msg = (
             f"{path}: bundle format version {fields.get('format_version')!r}, but this anomalib-apc reads version "
             f"{BUNDLE_FORMAT_VERSION}; export the bundle again with this version (`anomalib-apc export-bundle`)."
         )
-        raise ValueError(msg)
+        raise InvalidInputError(msg)
     if fields.get("architecture") != ARCHITECTURE:
-        msg = f"{path}: a bundle of architecture {fields.get('architecture')!r}; ApcInferencer runs {ARCHITECTURE!r} only."
-        raise ValueError(msg)
+        msg = (f"{path}: a bundle of architecture {fields.get('architecture')!r}; "
+               f"ApcInferencer runs {ARCHITECTURE!r} only.")
+        raise InvalidInputError(msg)
     expected = {field.name for field in dataclasses.fields(BundleMetadata)}
     missing, unknown = sorted(expected - set(fields)), sorted(set(fields) - expected)
     if missing or unknown:
-        msg = f"{path}: metadata fields missing {missing} / unknown {unknown} for format version {BUNDLE_FORMAT_VERSION}."
-        raise ValueError(msg)
+        msg = (f"{path}: metadata fields missing {missing} / unknown {unknown} "
+               f"for format version {BUNDLE_FORMAT_VERSION}.")
+        raise InvalidInputError(msg)
     for name in ("image_size", "feature_map_size"):
         fields[name] = tuple(fields[name])
     metadata = BundleMetadata(**fields)
+    _check_num_neighbors(path, metadata)
     absent = [name for name in metadata.files() if not (directory / name).is_file()]
     if absent:
         msg = f"{directory}: bundle file(s) missing: {', '.join(absent)}; export the bundle again."
-        raise FileNotFoundError(msg)
+        raise MissingInputError(msg)
     return metadata
 
 
-def _nan_to_none(value: Any) -> Any:  # noqa: ANN401 - any JSON-like value
+def _check_num_neighbors(path: Path, metadata: BundleMetadata) -> None:
+    """PatchCore re-weights a score by ``num_neighbors`` memory-bank rows: at least one, at most all of them."""
+    neighbors, rows = metadata.num_neighbors, metadata.memory_bank_size
+    if not isinstance(neighbors, int) or isinstance(neighbors, bool) or not 1 <= neighbors <= rows:
+        msg = f"{path}: num_neighbors is {neighbors!r}, but must be an integer from 1 to the {rows} memory-bank rows."
+        raise InvalidInputError(msg)
+
+
+def _nan_to_none(value: Any) -> Any:
     if isinstance(value, float) and math.isnan(value):
         return None
     if isinstance(value, dict):

@@ -35,8 +35,8 @@ class ParityReport:
     def summary(self) -> str:
         labels = "n/a" if self.labels_equal is None else ("identical" if self.labels_equal else "DIFFERENT")
         return (
-            f"{self.images} images: scores within {self.max_relative_score_difference:.2e} relative, anomaly maps within "
-            f"{self.max_relative_anomaly_map_difference:.2e} of their peak, labels {labels}"
+            f"{self.images} images: scores within {self.max_relative_score_difference:.2e} relative, "
+            f"anomaly maps within {self.max_relative_anomaly_map_difference:.2e} of their peak, labels {labels}"
         )
 
 
@@ -52,7 +52,8 @@ def compare_with_model(inferencer: ApcInferencer, model: AnomalousPatchCore, ima
     reference = model.model(model_inputs)
     bundle = inferencer.score(model_inputs)
     score_difference = (bundle.pred_score - reference.pred_score).abs() / reference.pred_score.abs().clamp_min(1e-12)
-    map_difference = (bundle.anomaly_map - reference.anomaly_map).abs().max() / reference.anomaly_map.abs().max().clamp_min(1e-12)
+    map_peak = reference.anomaly_map.abs().max().clamp_min(1e-12)
+    map_difference = (bundle.anomaly_map - reference.anomaly_map).abs().max() / map_peak
     labels_equal = normalized_difference = None
     if model.post_processor is not None and inferencer.post_processor is not None:
         reference_processed, bundle_processed = model.post_processor(reference), inferencer.post_process(bundle)

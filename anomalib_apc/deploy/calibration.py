@@ -1,0 +1,68 @@
+"""Images that a bundle export calibrates, measures and verifies on, and their patch rows.
+
+They come from a folder (searched recursively) or from a datamodule's normal training images,
+through the one contract between model and data (``normal_training_images``), and are brought to
+the model's input size as they are read.
+"""
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from anomalib.data import AnomalibDataModule
+from torchvision.transforms import v2
+from tqdm import tqdm
+
+from anomalib_apc.errors import MissingInputError
+from anomalib_apc.models import AnomalousPatchCoreModel
+from anomalib_apc.models.apc.normal_images import normal_training_images
+
+from .images import list_image_files, read_image_file
+
+# Patch rows used to measure recall and how often the bound settles a query.
+MAX_QUERY_PATCHES = 4096
+
+
+def read_calibration_images(
+    folder: str | Path | None,
+    datamodule: AnomalibDataModule | None,
+    image_size: tuple[int, int],
+    limit: int,
+) -> torch.Tensor | None:
+    """RGB images ``(N, 3, H, W)`` in ``[0, 1]`` at the model's input size, or ``None`` without a source.
+
+    Raises:
+        MissingInputError: The folder or datamodule gives no image.
+    """
+    if folder is not None:
+        source: Iterator[torch.Tensor] = (
+            read_image_file(path, size=image_size)[None] for path in list_image_files([folder])[:limit]
+        )
+    elif datamodule is not None:
+        datamodule.setup("fit")
+        source = normal_training_images(datamodule)
+    else:
+        return None
+    images: list[torch.Tensor] = []
+    with tqdm(total=limit, desc="Reading calibration images", unit="image") as progress:
+        for batch in source:
+            batch = batch[: limit - len(images)]
+            images.extend(v2.functional.resize(image, list(image_size), antialias=True) for image in batch)
+            progress.update(len(batch))
+            if len(images) >= limit:
+                break
+    if not images:
+        msg = f"No calibration image found in {folder or type(datamodule).__name__}."
+        raise MissingInputError(msg)
+    return torch.stack(images)
+
+
+@torch.no_grad()
+def query_patches(model: AnomalousPatchCoreModel, model_inputs: torch.Tensor | None) -> np.ndarray | None:
+    """Up to ``MAX_QUERY_PATCHES`` patch rows of the calibration images (a fixed random choice)."""
+    if model_inputs is None:
+        return None
+    rows = torch.cat([model.patch_embeddings(batch) for batch in model_inputs.split(8)]).numpy()
+    choice = np.random.default_rng(0).permutation(len(rows))[:MAX_QUERY_PATCHES]
+    return np.ascontiguousarray(rows[np.sort(choice)], dtype=np.float32)

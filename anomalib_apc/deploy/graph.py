@@ -1,0 +1,89 @@
+"""The bundle's OpenVINO graph: the fine-tuned CNN and PatchCore's local aggregation, converted from PyTorch.
+
+Also what the graph's static input depends on: the model's pre-processing transform, the size it
+brings every image to, and its normalisation (recorded for readers of the metadata).
+"""
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import openvino as ov
+import torch
+from torch import nn
+from torchvision.transforms import v2
+
+from anomalib_apc.errors import InvalidInputError
+from anomalib_apc.models import AnomalousPatchCore, AnomalousPatchCoreModel
+
+from .metadata import GRAPH_INPUT, GRAPH_OUTPUT
+from .options import Precision
+
+logger = logging.getLogger(__name__)
+
+
+class EmbeddingGraph(nn.Module):
+    """The deployed CNN: ``embedding_map`` of pre-processed images, as patch rows ``(N, h, w, D)``."""
+
+    def __init__(self, model: AnomalousPatchCoreModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.embedding_map(images).permute(0, 2, 3, 1)
+
+
+def pre_processing_transform(model: AnomalousPatchCore) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The model's pre-processor transform, which the bundle needs for its input size and normalisation."""
+    transform = getattr(model.pre_processor, "transform", None)
+    if transform is None:
+        msg = "The model has no pre-processor transform; a bundle needs it to know the input size and normalisation."
+        raise InvalidInputError(msg)
+    return transform
+
+
+def model_input_size(transform: Callable[[torch.Tensor], torch.Tensor]) -> tuple[int, int]:
+    """The ``(H, W)`` the pre-processor makes of any image: the graph's static spatial size."""
+    probes = ((480, 640), (512, 512))
+    sizes = {tuple(transform(torch.zeros(1, 3, height, width)).shape[-2:]) for height, width in probes}
+    if len(sizes) != 1:
+        msg = (
+            "The model's pre-processor does not bring every image to one size (no Resize to a fixed (H, W)); "
+            "a bundle's graph needs one. Train with e.g. `configure_pre_processor(image_size=(256, 256))`."
+        )
+        raise InvalidInputError(msg)
+    height, width = sizes.pop()
+    return int(height), int(width)
+
+
+def normalization(transform: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, list[float]] | None:
+    """Mean and std of the transform's ``Normalize`` step, or ``None`` without one."""
+    steps = getattr(transform, "transforms", [transform])
+    normalize = next((step for step in steps if isinstance(step, v2.Normalize)), None)
+    return None if normalize is None else {"mean": list(normalize.mean), "std": list(normalize.std)}
+
+
+def export_graph(
+    graph: EmbeddingGraph,
+    image_size: tuple[int, int],
+    precision: Precision,
+    calibration_inputs: torch.Tensor | None,
+    path: Path,
+) -> None:
+    """Convert the graph with a dynamic batch dimension, quantise it for INT8, save it as IR."""
+    with torch.no_grad():
+        ov_model = ov.convert_model(
+            graph,
+            example_input=torch.zeros(2, 3, *image_size),
+            input=[ov.PartialShape([-1, 3, *image_size])],
+        )
+    ov_model.input(0).get_tensor().set_names({GRAPH_INPUT})
+    ov_model.output(0).get_tensor().set_names({GRAPH_OUTPUT})
+    if precision == "int8":
+        import nncf
+
+        samples = [image[None].numpy() for image in calibration_inputs]
+        if len(samples) < 300:
+            logger.warning("INT8 calibration on %d images; nncf recommends 300.", len(samples))
+        ov_model = nncf.quantize(ov_model, nncf.Dataset(samples), subset_size=len(samples))
+    ov.save_model(ov_model, path, compress_to_fp16=precision == "fp16")
