@@ -180,6 +180,18 @@ def test_models_start_from_identical_weights() -> None:
         torch.testing.assert_close(apc_features[layer], patchcore_features[layer])
 
 
+def test_each_seed_draws_its_own_initial_weights() -> None:
+    """Seeds are repeats of the experiment: each must start APC (and so Patchcore) from other weights."""
+    settings = BenchmarkSettings(backbone="resnet18", image_size=64, finetune_epochs=1, pre_trained=False).resolved()
+    initialisation = resolve_initialisation(settings)
+
+    def first_conv(seed: int) -> torch.Tensor:
+        return next(build_models(settings, initialisation, seed=seed)[APC].model.feature_extractor.parameters())
+
+    torch.testing.assert_close(first_conv(1), first_conv(1))
+    assert not torch.equal(first_conv(1), first_conv(2))
+
+
 def test_warm_up_leaves_the_encoder_as_it_was() -> None:
     settings = BenchmarkSettings(backbone="resnet18", image_size=32, eval_batch_size=2, pre_trained=False).resolved()
     apc = build_models(settings, resolve_initialisation(settings), seed=0)[APC]

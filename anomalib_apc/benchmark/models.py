@@ -127,6 +127,7 @@ def build_models(settings: BenchmarkSettings, initialisation: Initialisation, se
         finetune_epochs=settings.finetune_epochs,
         coreset_sampling_ratio=settings.coreset_sampling_ratio,
         coreset_seed=seed,
+        seed=seed,
         pre_processor=AnomalousPatchCore.configure_pre_processor(image_size=image_size),
         evaluator=make_evaluator(),
         **components,

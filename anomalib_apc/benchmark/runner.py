@@ -48,7 +48,7 @@ from anomalib_apc.benchmark.results import (
 )
 from anomalib_apc.benchmark.settings import APC, BenchmarkSettings
 from anomalib_apc.data import SupervisedMVTecAD
-from anomalib_apc.errors import InvalidInputError, OutputExistsError
+from anomalib_apc.errors import InterruptedRunError, InvalidInputError, OutputExistsError
 from anomalib_apc.models import AnomalousPatchCore
 from anomalib_apc.models.apc.normal_images import normal_training_dataloader
 
@@ -158,6 +158,8 @@ def run_split(
             metrics = _fit_and_test(model, engine, apc_datamodule, baseline_datamodule)
             _fill_run(run, model, metrics, meter)
             meters[name] = meter
+        except InterruptedRunError:
+            raise  # a stopped run ends the whole benchmark, it is no model's failure
         except Exception as error:  # one failing model must not lose the others' results
             logger.exception("%s failed on %s, seed %d", name, data.category, seed)
             run.error = f"{type(error).__name__}: {error}"
