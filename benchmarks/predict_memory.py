@@ -7,6 +7,11 @@ in a fresh child process on the same bundle and files; the table gives the child
 (``ru_maxrss``) and its wall time. The files are hard links to one generated image, so 100 of them
 cost the disk one image.
 
+Measured on a shared two-core machine (ResNet-18 bundle, 256 px input, batch size 8): 100 PNG
+images, bounded: peak RSS 2,779 MB (1,311 MB after loading the bundle; the same peak for 3 images),
+669 s; full size, 16 images (two batches; the peak is one batch's): 7,962 MB (1,248 MB after
+loading), 150 s.
+
 Example:
     python benchmarks/predict_memory.py                      # 100 PNG images of 6000 x 6000
     python benchmarks/predict_memory.py --images 10 --format jpg
