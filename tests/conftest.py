@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
     from anomalib_apc.models import AnomalousPatchCore
 
-pytest_plugins = ("pytester",)  # tests/test_suite_split.py runs pytest on a made-up test file
+pytest_plugins = ("pytester",)  # tests/test_suite_settings.py runs pytest on a made-up test file
 
 MPDD_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "mpdd"
 
