@@ -1,7 +1,7 @@
 """Shared pytest fixtures, and the split of the suite into a fast unit half and an integration half.
 
-Running the fast half: ``pytest -m "not integration"`` runs the unit tests only (seconds to a couple of
-minutes on a laptop CPU); ``pytest -m integration`` runs the other half and plain ``pytest`` runs both.
+Running the fast half: ``pytest -m "not integration"`` runs the unit tests only, while developing;
+``pytest -m integration`` runs the other half, and plain ``pytest`` (what CI runs) runs both.
 A test is ``integration`` when it trains a model, runs a subprocess (a console script, a notebook kernel)
 or a benchmark; mark it with ``@pytest.mark.integration``. Tests that use the ``train_tiny_apc``
 fixture, directly or through another fixture, are marked automatically.
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
     from anomalib_apc.models import AnomalousPatchCore
 
-pytest_plugins = ("pytester",)  # tests/test_suite_split.py runs pytest on a made-up test file
+pytest_plugins = ("pytester",)  # tests/test_suite_settings.py runs pytest on a made-up test file
 
 MPDD_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "mpdd"
 
