@@ -50,6 +50,7 @@ from .interruption import InterruptionGuard, stop_if_terminated
 from .loss import ApcLoss
 from .memory import concatenate_releasing
 from .normal_images import normal_training_images, training_anomaly_count
+from .precision import FineTunePrecision, finetune_autocast, full_precision, resolve_finetune_precision
 from .torch_model import TASKS, AnomalousPatchCoreModel
 
 logger = logging.getLogger(__name__)
@@ -84,6 +85,12 @@ class AnomalousPatchCore(MemoryBankMixin, AnomalibModule):
             decoder and the heads), so that a run is reproducible whatever the global random state:
             anomalib 2.7's CLI parses ``seed_everything`` but never applies it. ``None`` draws them from
             the global generators (as seeded by ``lightning.seed_everything``, for instance).
+        finetune_precision: Numeric precision of the fine-tuning steps: ``"auto"`` (bfloat16 autocast
+            where the device computes it natively, AVX-512 BF16 / AMX CPUs and recent GPUs; float32
+            elsewhere), ``"32"`` or ``"bf16-mixed"``. The memory bank, coreset and scores are always
+            float32 (see :mod:`.precision`).
+        channels_last: Fine-tune in channels-last memory layout (faster convolutions on CPU and GPU);
+            phase 2 and inference run in the standard layout either way.
         pre_processor: Pre-processor instance or flag to use the default (resize to 256, ImageNet
             normalisation).
         post_processor: Post-processor instance or flag to use the default.
@@ -108,6 +115,8 @@ class AnomalousPatchCore(MemoryBankMixin, AnomalibModule):
         num_neighbors: int = 9,
         coreset_seed: int | None = 0,
         seed: int | None = 0,
+        finetune_precision: FineTunePrecision = "auto",
+        channels_last: bool = True,
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
         evaluator: Evaluator | bool = True,
@@ -153,6 +162,10 @@ class AnomalousPatchCore(MemoryBankMixin, AnomalibModule):
         self.weight_decay = weight_decay
         self.coreset_sampling_ratio = coreset_sampling_ratio
         self.coreset_seed = coreset_seed
+        resolve_finetune_precision(finetune_precision, torch.device("cpu"))  # refuse an unknown name now
+        self.finetune_precision = finetune_precision
+        self.channels_last = channels_last
+        self._finetune_precision_in_use = "32"
         self._anomalous_samples_seen = 0
         self._activity: str | None = None
 
@@ -204,6 +217,11 @@ class AnomalousPatchCore(MemoryBankMixin, AnomalibModule):
         if not self.fine_tunes:
             return
         self.model.train()
+        self._finetune_precision_in_use = resolve_finetune_precision(self.finetune_precision, self.device)
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        logger.info("Fine-tuning in precision %s%s.", self._finetune_precision_in_use,
+                    ", channels-last" if self.channels_last else "")
         if training_anomaly_count(getattr(self.trainer, "datamodule", None)) == 0:
             raise InvalidInputError(self._no_anomalies_message())
 
@@ -237,13 +255,28 @@ class AnomalousPatchCore(MemoryBankMixin, AnomalibModule):
         self._anomalous_samples_seen += int(anomalous.sum())
         if "segmentation" in self.model.tasks:
             self._check_masks(batch, anomalous)
-        outputs = self.model.finetune_forward(batch.image)
-        losses = self.loss(outputs, images=batch.image, labels=labels, masks=batch.gt_mask)
+        losses = self.finetune_losses(batch.image, labels, batch.gt_mask)
         batch_size = batch.image.shape[0]
         for name, value in losses.items():
             self.log(f"train_loss_{name}" if name != "total" else "train_loss", value, on_epoch=True, on_step=False,
                      prog_bar=name == "total", batch_size=batch_size)
         return {"loss": losses["total"]}
+
+    def finetune_losses(
+        self, images: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
+        """Per-task losses of one fine-tuning forward pass, in the fine-tuning precision (see :mod:`.precision`).
+
+        The network runs under autocast at ``finetune_precision`` (and in channels-last layout when
+        ``channels_last``); the losses are computed in float32 from the heads' outputs, whatever the
+        autocast around this call.
+        """
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with finetune_autocast(self._finetune_precision_in_use, images.device):
+            outputs = self.model.finetune_forward(images)
+        with full_precision(images.device):
+            return self.loss(outputs, images=images.float(), labels=labels, masks=masks)
 
     @staticmethod
     def _check_masks(batch: Batch, anomalous: torch.Tensor) -> None:
@@ -277,16 +310,21 @@ class AnomalousPatchCore(MemoryBankMixin, AnomalibModule):
         """
         self._activity = "phase 2 (building the memory bank from the normal training images)"
         was_training = self.model.training
+        # Phase 2 and inference run in float32 and the standard layout: the memory bank, the coreset and
+        # the scores are then those of a model loaded from the checkpoint in a fresh process.
+        self.model.to(memory_format=torch.contiguous_format)
         self.model.eval()
         transform = getattr(self.pre_processor, "transform", None)
         embeddings = []
-        for images in tqdm(self._normal_training_images(), desc="Embedding normal training images", unit="batch"):
-            images = images.to(self.device)
-            embeddings.append(self.model.patch_embeddings(transform(images) if transform else images))
-            stop_if_terminated(self.trainer, self._activity)
-        memory = concatenate_releasing(embeddings, device=self.device)
-        logger.info("Selecting a %.1f %% coreset of %d normal patches.", 100 * self.coreset_sampling_ratio, len(memory))
-        self.model.build_memory_bank(memory, self.coreset_sampling_ratio, seed=self.coreset_seed)
+        with full_precision(self.device):
+            for images in tqdm(self._normal_training_images(), desc="Embedding normal training images", unit="batch"):
+                images = images.to(self.device)
+                embeddings.append(self.model.patch_embeddings(transform(images) if transform else images))
+                stop_if_terminated(self.trainer, self._activity)
+            memory = concatenate_releasing(embeddings, device=self.device)
+            logger.info("Selecting a %.1f %% coreset of %d normal patches.", 100 * self.coreset_sampling_ratio,
+                        len(memory))
+            self.model.build_memory_bank(memory, self.coreset_sampling_ratio, seed=self.coreset_seed)
         stop_if_terminated(self.trainer, self._activity)
         self.model.train(was_training)
         self._activity = None
@@ -298,10 +336,19 @@ class AnomalousPatchCore(MemoryBankMixin, AnomalibModule):
         return normal_training_images(datamodule, fallback=fallback)
 
     def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
-        """PatchCore scores and anomaly maps for the batch."""
+        """PatchCore scores and anomaly maps for the batch, in float32 (see :mod:`.precision`)."""
         del args, kwargs
-        predictions = self.model(batch.image)
+        with full_precision(batch.image.device):
+            predictions = self.model(batch.image.float())
         return batch.update(**predictions._asdict())
+
+    def test_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """As :meth:`validation_step`: a mixed ``--trainer.precision`` must not reach the scores."""
+        return self.validation_step(batch, *args, **kwargs)
+
+    def predict_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """As :meth:`validation_step`: a mixed ``--trainer.precision`` must not reach the scores."""
+        return self.validation_step(batch, *args, **kwargs)
 
     @property
     def trainer_arguments(self) -> dict[str, Any]:

@@ -13,7 +13,9 @@ class ApcLoss(nn.Module):
     """Weighted sum of the enabled tasks' losses, with each term kept for logging.
 
     The segmentation head outputs logits, so the pixel-wise BCE is computed with logits (the same
-    as sigmoid + BCE, numerically stable). Pixel outputs are resized to the image size first.
+    as sigmoid + BCE, numerically stable). Pixel outputs are resized to the image size first. Head
+    outputs are cast to float32 first: under bfloat16 autocast the sums over every pixel of a batch
+    would otherwise lose most of their digits.
 
     Args:
         weights: Weight per task name; only tasks whose output is present contribute.
@@ -41,15 +43,15 @@ class ApcLoss(nn.Module):
         terms: dict[str, torch.Tensor] = {}
         size = images.shape[-2:]
         if outputs.classification is not None:
-            terms["classification"] = F.binary_cross_entropy_with_logits(outputs.classification, labels.float())
+            terms["classification"] = F.binary_cross_entropy_with_logits(outputs.classification.float(), labels.float())
         if outputs.segmentation is not None:
             target = masks.float().reshape(images.shape[0], 1, *masks.shape[-2:])
             if target.shape[-2:] != size:
                 target = F.interpolate(target, size=size, mode="nearest")
-            logits = F.interpolate(outputs.segmentation, size=size, mode="bilinear")
+            logits = F.interpolate(outputs.segmentation.float(), size=size, mode="bilinear")
             terms["segmentation"] = F.binary_cross_entropy_with_logits(logits, target)
         if outputs.reconstruction is not None:
-            reconstruction = F.interpolate(outputs.reconstruction, size=size, mode="bilinear")
+            reconstruction = F.interpolate(outputs.reconstruction.float(), size=size, mode="bilinear")
             terms["reconstruction"] = F.mse_loss(reconstruction, images)
         terms["total"] = sum(self.weights[task] * value for task, value in terms.items())
         return terms
