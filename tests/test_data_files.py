@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 import torch
 from anomalib.data.utils import read_image as anomalib_read_image
+from pandas import DataFrame
 from PIL import Image
 
 from anomalib_apc.data import SupervisedFolder, SupervisedMVTecAD, read_image
+from anomalib_apc.data.validation import PROGRESS_BAR_MIN_FILES, check_image_files
 from anomalib_apc.deploy.images import read_image_file as bundle_read_image
 from anomalib_apc.errors import InvalidInputError, MissingInputError
 
@@ -281,3 +283,15 @@ def test_empty_folder_normal_dir_is_named_at_set_up(tiny_dataset, tmp_path) -> N
     (tmp_path / "good").mkdir()
     with pytest.raises(MissingInputError, match=rf"normal_dir {tmp_path / 'good'}: no image files"):
         folder_datamodule(tiny_dataset.category_dir, "test/hole", "ground_truth/hole", normal_dir=tmp_path / "good")
+
+
+@pytest.mark.parametrize("count", [PROGRESS_BAR_MIN_FILES, 10])
+def test_large_sets_are_checked_with_a_progress_bar(tmp_path, capsys, count) -> None:
+    paths = []
+    for index in range(count):
+        paths.append(str(tmp_path / f"{index:04d}.png"))
+        Image.new("L", (4, 4), index % 256).save(paths[-1])
+    samples = DataFrame({"image_path": paths, "mask_path": "", "label_index": 0})
+    check_image_files(samples, "many", num_threads=2)
+    shown = capsys.readouterr().err
+    assert (f"{count}/{count}" in shown and "many: decoding images" in shown) == (count >= PROGRESS_BAR_MIN_FILES)

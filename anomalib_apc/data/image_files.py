@@ -49,7 +49,7 @@ def list_image_files(folder: Path, recursive: bool = False, suffixes: Sequence[s
         raise MissingInputError(msg)
     files = sorted(path for path in (folder.rglob("*") if recursive else folder.iterdir()) if path.is_file())
     images = [path for path in files if is_image_file(path, suffixes)]
-    ignored = [path for path in files if path not in set(images)]
+    ignored = sorted(set(files) - set(images))
     if ignored:
         logger.warning(
             "%s: %d file(s) ignored, not images (suffixes %s): %s",
