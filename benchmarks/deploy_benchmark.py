@@ -62,7 +62,8 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--rounds", type=int, default=5, help="timed calls per contestant and batch size")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
-    parser.add_argument("--skip-anomalib-openvino", action="store_true", help="leave out anomalib's export (slow to export)")
+    parser.add_argument("--skip-anomalib-openvino", action="store_true",
+                        help="leave out anomalib's export (slow to export)")
     parser.add_argument("--work-dir", type=Path, help="where exports go (default: a temporary folder)")
     return parser.parse_args()
 
@@ -101,7 +102,10 @@ def run(args: argparse.Namespace, work_dir: Path) -> None:
     print(f"\n{args.backbone}, {args.image_size} px, memory bank {model.model.memory_bank.shape[0]} x "
           f"{model.model.memory_bank.shape[1]} ({args.memory_bank}), {args.threads} threads, "
           f"load before {os.getloadavg()[0]:.2f}")
-    table = {batch_size: time_contestants(contestants, test_images, batch_size, args.rounds) for batch_size in args.batch_sizes}
+    table = {
+        batch_size: time_contestants(contestants, test_images, batch_size, args.rounds)
+        for batch_size in args.batch_sizes
+    }
     print_table(table, list(contestants))
     print(f"load after {os.getloadavg()[0]:.2f}")
     print_breakdown(inferencer, test_images[:1], args.rounds)
@@ -154,10 +158,10 @@ def calibrate_post_processor(model: AnomalousPatchCore, images: torch.Tensor) ->
     post.image_min.fill_(raw.pred_score.min())
     post.image_max.fill_(raw.pred_score.max())
     # The interpolated median lies between two scores, so no score sits exactly on the threshold.
-    post._image_threshold.fill_(raw.pred_score.quantile(0.5))  # noqa: SLF001 - anomalib keeps it private
+    post._image_threshold.fill_(raw.pred_score.quantile(0.5))
     post.pixel_min.fill_(raw.anomaly_map.min())
     post.pixel_max.fill_(raw.anomaly_map.max())
-    post._pixel_threshold.fill_(raw.anomaly_map.median())  # noqa: SLF001
+    post._pixel_threshold.fill_(raw.anomaly_map.median())
 
 
 def anomalib_openvino(model: AnomalousPatchCore, work_dir: Path, threads: int) -> Callable[[torch.Tensor], object]:

@@ -22,9 +22,8 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2.functional import resize, to_dtype, to_image
 
-from anomalib_apc.errors import InvalidInputError, MissingInputError
-
 from anomalib_apc.data.image_files import IMAGE_SUFFIXES
+from anomalib_apc.errors import InvalidInputError, MissingInputError
 
 logger = logging.getLogger(__name__)
 
