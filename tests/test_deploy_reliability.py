@@ -41,9 +41,8 @@ MPDD_CATEGORY = "metal_plate"
 
 
 def _random_bank_bundle(folder: Path, seed: int) -> Path:
-    torch.manual_seed(seed)
     model = AnomalousPatchCore(
-        backbone="resnet18", pre_trained=False, finetune_epochs=0, visualizer=False, post_processor=False,
+        backbone="resnet18", pre_trained=False, finetune_epochs=0, visualizer=False, post_processor=False, seed=seed,
         pre_processor=AnomalousPatchCore.configure_pre_processor(image_size=(IMAGE_SIZE, IMAGE_SIZE)),
     ).eval()
     model.model.memory_bank = torch.randn(200, 384, generator=torch.Generator().manual_seed(seed))
