@@ -86,7 +86,8 @@ def test_anomalous_masks_follow_their_augmented_defect(tiny_dataset) -> None:
                   for path in batch.image_path]
     for mask, real_mask, label in zip(batch.gt_mask, real_masks, batch.gt_label, strict=True):
         if label:
-            assert mask.any() and abs(int(mask.sum()) - int(real_mask.sum())) < 0.25 * int(real_mask.sum())
+            # Zoom and nearest-neighbour resampling change a thin defect's pixel count, never by half.
+            assert 0.5 * int(real_mask.sum()) <= int(mask.sum()) <= 2 * int(real_mask.sum())
         else:
             assert not mask.any()
 
