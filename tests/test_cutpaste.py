@@ -89,7 +89,8 @@ def test_unusable_defect_masks_are_errors(mask, message) -> None:
 
 def test_training_replaces_anomalous_draws_by_cutpaste_samples(tiny_dataset) -> None:
     datamodule = SupervisedMVTecAD(
-        root=tiny_dataset.root, category=tiny_dataset.category, num_anomalies=6, cutpaste_probability=1.0, num_workers=0
+        root=tiny_dataset.root, category=tiny_dataset.category, num_anomalies=6, cutpaste_probability=1.0,
+        basic_augmentations=False, num_workers=0,
     )
     datamodule.setup()
     train_dataset = datamodule.train_dataloader().dataset

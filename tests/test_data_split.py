@@ -184,10 +184,11 @@ def test_cli_parser_reaches_every_knob_by_short_class_name(tiny_dataset) -> None
     parser.add_subclass_arguments(AnomalibDataModule, "data")
     arguments = ["--data", "SupervisedMVTecAD", f"--data.root={tiny_dataset.root}", "--data.category=tiny"]
     arguments += ["--data.num_anomalies=4", "--data.balanced_sampling=false", "--data.cutpaste_probability=0.25"]
-    arguments += ["--data.cutpaste_rotation_degrees=45", "--data.seed=7"]
+    arguments += ["--data.cutpaste_rotation_degrees=45", "--data.seed=7", "--data.basic_augmentations=false"]
     datamodule = parser.instantiate_classes(parser.parse_args(arguments)).data
     assert isinstance(datamodule, SupervisedMVTecAD)
     assert (datamodule.num_anomalies, datamodule.balanced_sampling, datamodule.cutpaste_probability) == (4, False, 0.25)
+    assert not datamodule.basic_augmentations
     assert datamodule.seed == 7
 
 

@@ -9,6 +9,7 @@ from anomalib.engine import Engine
 from conftest import tiny_apc_model
 from conftest import tiny_engine as _engine
 from lightning.pytorch.callbacks import Callback
+from torchmetrics.functional.classification import binary_auroc
 
 from anomalib_apc.data import SupervisedMVTecAD, make_demo_dataset
 from anomalib_apc.errors import InvalidInputError
@@ -136,9 +137,18 @@ def test_engine_test_reports_anomalib_metrics(
     trained: tuple[AnomalousPatchCore, Engine, EpochLosses], demo_root: Path
 ) -> None:
     model, engine, _ = trained
-    metrics = engine.test(model=model, datamodule=_datamodule(demo_root), verbose=False)[0]
+    datamodule = _datamodule(demo_root)
+    metrics = engine.test(model=model, datamodule=datamodule, verbose=False)[0]
     assert {"image_AUROC", "image_F1Score", "pixel_AUROC", "pixel_F1Score"} <= set(metrics)
-    assert 0.0 <= metrics["image_AUROC"] <= 1.0
+    # The reference: the AUROC of the model's own raw scores over the test split, computed here.
+    model.model.eval()
+    scores, labels = [], []
+    with torch.no_grad():
+        for batch in datamodule.test_dataloader():
+            scores.append(model.model(model.pre_processor.transform(batch.image)).pred_score)
+            labels.append(batch.gt_label)
+    expected = binary_auroc(torch.cat(scores), torch.cat(labels).int())
+    assert metrics["image_AUROC"] == pytest.approx(float(expected), abs=1e-6)
 
 
 def test_one_class_training_set_is_refused_with_the_fix_before_fine_tuning(demo_root: Path, tmp_path: Path) -> None:

@@ -6,6 +6,8 @@ Layout, one job per module:
   datamodules, one per folder layout;
 - :mod:`.split`: which anomalies move from test to training, and the batches that follow;
 - :mod:`.sampler`: the balanced training draws; :mod:`.train_dataset`: the training set with CutPaste;
+  :mod:`.basic_augmentation`: the paper's basic augmentations of every training draw, image and mask alike;
+  :mod:`.seeded_kornia`: kornia's random draws made from a sample's own generator;
 - :mod:`.image_files`: which files are images and how they are read; :mod:`.image_dataset`: anomalib's
   dataset with that reader; :mod:`.pairing`: masks paired with images by name; :mod:`.validation`:
   every file decoded once at set-up;

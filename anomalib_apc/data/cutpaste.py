@@ -21,6 +21,7 @@ from kornia.augmentation import (
     RandomVerticalFlip,
 )
 
+from anomalib_apc.data.seeded_kornia import kornia_draws_from
 from anomalib_apc.errors import InvalidInputError
 
 
@@ -123,10 +124,7 @@ class CutPaste:
         canvas = F.pad(box[None], padding, mode="replicate")
         canvas_mask = F.pad(box_mask[None, None], padding)
 
-        # kornia draws its parameters from the global CPU generator: seed it from ours, in a fork so
-        # that the caller's global random state stays untouched.
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(int(torch.randint(2**62, (), generator=generator)))
+        with kornia_draws_from(generator):
             jittered = self.color_jitter(canvas)
             turned, turned_mask = self.geometric(jittered, canvas_mask)
 

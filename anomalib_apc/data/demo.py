@@ -2,12 +2,14 @@
 
 It lets the whole pipeline (split, fine-tuning, memory bank, comparison) run on a CPU without
 downloading anything. Every image shows a textured, brushed-metal background and a washer-like
-part (a ring with six rivets at a random rotation), under a random illumination gradient. Defects
-are drawn onto such images and their masks are the drawn pixels:
+part (a ring with six rivets at a random rotation), under a random illumination gradient, with a
+few harmless dust specks. Defects are drawn onto such images and their masks are the drawn pixels.
+They are small and of random strength, from plainly visible to barely above the texture, so that
+neither PatchCore nor APC separates every one from the normal images:
 
-- ``scratch``: a thin bright line across the part,
-- ``stain``: a dark, irregular blot,
-- ``hole``: a dark hole through the ring with a lighter rim.
+- ``scratch``: a thin, slightly brighter line across the part,
+- ``stain``: a faint, irregular discolouration,
+- ``hole``: a small dent, darker inside with a lighter rim.
 
 Usage::
 
@@ -146,40 +148,47 @@ def _normal_image(size: int, rng: np.random.Generator) -> tuple[np.ndarray, _Par
         rivet = np.hypot(x * size - rivet_center[0], y * size - rivet_center[1]) <= rivet_radius
         image[rivet] = [0.35, 0.33, 0.3]
 
+    for _ in range(rng.poisson(4)):
+        speck_center, speck_radius = rng.uniform(0, size, 2), rng.uniform(0.004, 0.012) * size
+        speck = np.hypot(x * size - speck_center[0], y * size - speck_center[1]) <= speck_radius
+        image[speck] *= rng.uniform(0.75, 0.9)
+
     gradient_angle = rng.uniform(0, 2 * np.pi)
-    illumination = 1 + 0.12 * ((x - 0.5) * np.cos(gradient_angle) + (y - 0.5) * np.sin(gradient_angle))
+    illumination = 1 + 0.2 * ((x - 0.5) * np.cos(gradient_angle) + (y - 0.5) * np.sin(gradient_angle))
     return np.clip(image * illumination[..., None], 0, 1), part
 
 
 def _paint_scratch(image: np.ndarray, part: _Part, rng: np.random.Generator) -> np.ndarray:
     start = part.point_on_ring(rng)
     angle = rng.uniform(0, 2 * np.pi)
-    end = start + rng.uniform(0.15, 0.3) * part.size * np.array([np.cos(angle), np.sin(angle)])
-    mask = _draw_mask(part.size, lambda draw: draw.line([*start, *end], fill=1, width=max(2, part.size // 64)))
-    image[mask] = np.clip(image[mask] + 0.35, 0, 1)
+    end = start + rng.uniform(0.08, 0.22) * part.size * np.array([np.cos(angle), np.sin(angle)])
+    mask = _draw_mask(part.size, lambda draw: draw.line([*start, *end], fill=1, width=max(1, part.size // 96)))
+    image[mask] = np.clip(image[mask] + rng.uniform(0.05, 0.2), 0, 1)
     return mask
 
 
 def _paint_stain(image: np.ndarray, part: _Part, rng: np.random.Generator) -> np.ndarray:
     center = part.point_on_ring(rng)
-    blobs = [(center + rng.normal(0, 0.03, 2) * part.size, rng.uniform(0.03, 0.06, 2) * part.size) for _ in range(3)]
+    blobs = [(center + rng.normal(0, 0.02, 2) * part.size, rng.uniform(0.015, 0.04, 2) * part.size)
+             for _ in range(rng.integers(1, 4))]
 
     def draw_blobs(draw: ImageDraw.ImageDraw) -> None:
         for (cx, cy), (rx, ry) in blobs:
             draw.ellipse([cx - rx, cy - ry, cx + rx, cy + ry], fill=1)
 
     mask = _draw_mask(part.size, draw_blobs)
-    image[mask] = 0.4 * image[mask] + 0.6 * np.array([0.25, 0.18, 0.1])
+    strength = rng.uniform(0.15, 0.5)
+    image[mask] = (1 - strength) * image[mask] + strength * np.array([0.25, 0.18, 0.1])
     return mask
 
 
 def _paint_hole(image: np.ndarray, part: _Part, rng: np.random.Generator) -> np.ndarray:
-    (cx, cy), radius = part.point_on_ring(rng), rng.uniform(0.05, 0.08) * part.size
+    (cx, cy), radius = part.point_on_ring(rng), rng.uniform(0.02, 0.045) * part.size
     rim = _draw_mask(part.size, lambda draw: draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=1))
     inner = radius * 0.75
     hole = _draw_mask(part.size, lambda draw: draw.ellipse([cx - inner, cy - inner, cx + inner, cy + inner], fill=1))
-    image[rim] = np.clip(image[rim] + 0.15, 0, 1)
-    image[hole] = 0.08
+    image[rim] = np.clip(image[rim] + rng.uniform(0.03, 0.1), 0, 1)
+    image[hole] *= rng.uniform(0.45, 0.8)
     return rim
 
 

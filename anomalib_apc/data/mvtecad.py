@@ -83,6 +83,10 @@ class SupervisedMVTecAD(SupervisedSplitMixin, MVTecAD):
         cutpaste_brightness: Brightness jitter of pasted defects.
         cutpaste_saturation: Saturation jitter of pasted defects.
         cutpaste_rotation_degrees: Largest rotation of pasted defects (they are also flipped at random).
+        basic_augmentations: Flip, warp slightly (rotation, shift, zoom) and colour-jitter every
+            fine-tuning sample, real or CutPaste, image and mask alike (the paper's basic augmentations);
+            never the memory bank's images, validation or test. With ``cutpaste_probability=0`` the
+            fine-tuning sees these augmentations only, as in the paper's "without CutPaste" ablation.
         num_workers: Dataloader worker processes, and the threads that decode every file once at set-up.
         seed: Seed of the anomaly choice, the sampler, CutPaste and anomalib's own splits.
 
@@ -105,6 +109,7 @@ class SupervisedMVTecAD(SupervisedSplitMixin, MVTecAD):
         cutpaste_brightness: float = 0.2,
         cutpaste_saturation: float = 0.5,
         cutpaste_rotation_degrees: float = 90.0,
+        basic_augmentations: bool = True,
         train_batch_size: int = 32,
         eval_batch_size: int = 32,
         num_workers: int = 8,
@@ -141,6 +146,7 @@ class SupervisedMVTecAD(SupervisedSplitMixin, MVTecAD):
             cutpaste_brightness,
             cutpaste_saturation,
             cutpaste_rotation_degrees,
+            basic_augmentations,
         )
 
     def prepare_data(self) -> None:

@@ -8,8 +8,11 @@ with their masks, from the test split to the train split, drawn evenly over the 
 Training batches carry ``image``, ``gt_label`` and ``gt_mask`` (zeros for normal images). By default
 a balanced sampler (:class:`.sampler.TrainDrawSampler`) draws normal and anomalous images equally
 often, and with probability ``cutpaste_probability`` an anomalous draw is replaced by a CutPaste
-anomaly (:class:`.train_dataset.SupervisedTrainDataset`). The model's memory bank reads
-:meth:`SupervisedSplitMixin.normal_train_dataloader`, which serves the real normal training images only.
+anomaly (:class:`.train_dataset.SupervisedTrainDataset`); with ``basic_augmentations`` every training
+sample, real or CutPaste, is then flipped, warped slightly and jittered in colour, image and mask alike
+(:class:`.basic_augmentation.BasicAugmentation`, the paper's basic augmentations). The model's memory
+bank reads :meth:`SupervisedSplitMixin.normal_train_dataloader`, which serves the real normal training
+images only, never augmented by either.
 
 The chosen anomalies are recorded (:attr:`SupervisedSplitMixin.supervised_anomaly_paths`, and
 ``supervised_split.json`` in the trainer's ``default_root_dir``), so that a baseline can be
@@ -30,6 +33,7 @@ from anomalib.data.datasets.base.image import AnomalibDataset
 from anomalib.data.utils import LabelName
 from torch.utils.data import DataLoader
 
+from anomalib_apc.data.basic_augmentation import BasicAugmentation
 from anomalib_apc.data.cutpaste import CutPaste
 from anomalib_apc.data.image_dataset import ImageFileDataset
 from anomalib_apc.data.sampler import TrainDrawSampler
@@ -112,6 +116,7 @@ class SupervisedSplitMixin:
         cutpaste_brightness: float,
         cutpaste_saturation: float,
         cutpaste_rotation_degrees: float,
+        basic_augmentations: bool,
     ) -> None:
         if num_anomalies < 0:
             msg = f"num_anomalies must be 0 or more, got {num_anomalies}."
@@ -123,6 +128,7 @@ class SupervisedSplitMixin:
         self.balanced_sampling = balanced_sampling
         self.cutpaste_probability = cutpaste_probability
         self.cutpaste = CutPaste(cutpaste_brightness, cutpaste_saturation, cutpaste_rotation_degrees)
+        self.basic_augmentations = basic_augmentations
         self._training_anomalies: pd.DataFrame | None = None
 
     def _read_datasets(self) -> tuple[ImageFileDataset, ImageFileDataset]:
@@ -159,7 +165,10 @@ class SupervisedSplitMixin:
             self.save_split(trainer.default_root_dir)
 
     def train_dataloader(self) -> DataLoader:
-        """Training batches with real anomalies, balanced sampling and CutPaste (plain anomalib if none)."""
+        """Training batches with real anomalies, balanced sampling, CutPaste and basic augmentations.
+
+        With ``num_anomalies=0`` these are anomalib's own one-class batches, none of the above.
+        """
         if self.num_anomalies == 0:
             return super().train_dataloader()  # type: ignore[misc]
         dataset = SupervisedTrainDataset(
@@ -167,6 +176,7 @@ class SupervisedSplitMixin:
             self.cutpaste,
             self.cutpaste_probability,
             cutpaste_source_indices(self.train_data) if self.cutpaste_probability > 0 else [],
+            BasicAugmentation() if self.basic_augmentations else None,
         )
         labels = self.train_data.samples.label_index.to_numpy(dtype=int).tolist()
         return DataLoader(
@@ -180,9 +190,9 @@ class SupervisedSplitMixin:
     def normal_train_dataloader(self) -> DataLoader:
         """The real normal training images, in a fixed order, for the model's memory bank.
 
-        No anomalies, no CutPaste, no sampler, no shuffling; the training augmentations and the
-        model's resizing apply as in :meth:`train_dataloader`. Batches are ``eval_batch_size`` large
-        since the memory bank is filled without gradients.
+        No anomalies, no CutPaste, no basic augmentations, no sampler, no shuffling; anomalib's
+        ``train_augmentations`` (if any) and the model's resizing apply as in :meth:`train_dataloader`.
+        Batches are ``eval_batch_size`` large since the memory bank is filled without gradients.
         """
         labels = self.train_data.samples.label_index.to_numpy(dtype=int)
         normal_data = self.train_data.subsample(np.flatnonzero(labels == LabelName.NORMAL).tolist())

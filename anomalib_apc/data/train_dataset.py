@@ -1,4 +1,4 @@
-"""The training set as the model sees it: real images and anomalies, and CutPaste anomalies made from them."""
+"""The training set as the model sees it: real images and anomalies, CutPaste anomalies made from them, augmented."""
 
 import logging
 from collections.abc import Sequence
@@ -10,6 +10,7 @@ from anomalib.data.datasets.base.image import AnomalibDataset
 from anomalib.data.utils import LabelName
 from torch.utils.data import Dataset
 
+from anomalib_apc.data.basic_augmentation import BasicAugmentation
 from anomalib_apc.data.cutpaste import CutPaste
 from anomalib_apc.data.image_files import open_decoded
 
@@ -24,11 +25,16 @@ class SupervisedTrainDataset(Dataset):
     Replacing anomalous draws (rather than relabelling normal ones) keeps the normal:anomalous ratio
     the sampler sets, and lets the few real anomalies appear in many new guises.
 
+    Every sample, real or CutPaste, then goes through ``augmentation`` (the paper's basic
+    augmentations, image and mask alike), drawn after the CutPaste choices so that switching it off
+    leaves those unchanged.
+
     Args:
-        dataset: anomalib's training dataset, anomalies included; it applies the augmentations.
+        dataset: anomalib's training dataset, anomalies included; it applies anomalib's augmentations.
         cutpaste: The CutPaste operation.
         cutpaste_probability: Probability that an anomalous draw becomes a CutPaste anomaly.
         cutpaste_source_indices: Indices of the anomalies whose defects may be cut (non-empty masks).
+        augmentation: Applied to every sample; ``None`` leaves the samples as they are.
     """
 
     def __init__(
@@ -37,12 +43,14 @@ class SupervisedTrainDataset(Dataset):
         cutpaste: CutPaste,
         cutpaste_probability: float,
         cutpaste_source_indices: Sequence[int],
+        augmentation: BasicAugmentation | None = None,
     ) -> None:
         labels = dataset.samples.label_index.to_numpy(dtype=int)
         self.dataset = dataset
         self.cutpaste = cutpaste
         self.cutpaste_probability = cutpaste_probability
         self.cutpaste_source_indices = list(cutpaste_source_indices)
+        self.augmentation = augmentation
         self.normal_indices = np.flatnonzero(labels == LabelName.NORMAL).tolist()
         self.is_anomalous = labels == LabelName.ABNORMAL
 
@@ -54,8 +62,13 @@ class SupervisedTrainDataset(Dataset):
         generator = torch.Generator().manual_seed(sample_seed)
         can_cutpaste = bool(self.is_anomalous[index] and self.cutpaste_source_indices and self.normal_indices)
         if can_cutpaste and float(torch.rand((), generator=generator)) < self.cutpaste_probability:
-            return self._cutpaste_item(generator)
-        return self.dataset[index]
+            item = self._cutpaste_item(generator)
+        else:
+            item = self.dataset[index]
+        if self.augmentation is None:
+            return item
+        image, mask = self.augmentation(item.image, item.gt_mask, generator)
+        return item.update(in_place=False, image=image, gt_mask=mask)
 
     def _cutpaste_item(self, generator: torch.Generator) -> ImageItem:
         normal = self.dataset[_pick(self.normal_indices, generator)]
@@ -66,8 +79,6 @@ class SupervisedTrainDataset(Dataset):
 
 def _pick(indices: Sequence[int], generator: torch.Generator) -> int:
     return indices[int(torch.randint(len(indices), (), generator=generator))]
-
-
 
 
 def cutpaste_source_indices(dataset: AnomalibDataset) -> list[int]:

@@ -25,7 +25,7 @@ Example:
 import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from anomalib import LearningType
@@ -55,6 +55,9 @@ from .torch_model import TASKS, AnomalousPatchCoreModel
 
 logger = logging.getLogger(__name__)
 
+FineTuneScope = Literal["all", "batchnorm_statistics"]
+FINETUNE_SCOPES: tuple[str, ...] = ("all", "batchnorm_statistics")
+
 
 class AnomalousPatchCore(MemoryBankMixin, AnomalibModule):
     """AnomalousPatchCore (APC) Lightning module.
@@ -74,6 +77,13 @@ class AnomalousPatchCore(MemoryBankMixin, AnomalibModule):
         loss_weights: Weights of the classification, segmentation and reconstruction losses, in that
             order (a disabled task's weight is unused).
         finetune_epochs: Epochs of fine-tuning before the memory bank is built.
+        finetune_scope: What the fine-tuning may change. ``"all"`` (the method): every weight of the
+            encoder, decoder and heads, by AdamW on the task losses. ``"batchnorm_statistics"``: the
+            control that separates batch-norm adaptation from the auxiliary tasks. The same batches
+            and epochs pass through the encoder in train mode, so its batch-norm running means and
+            variances adapt to the training data, but nothing is optimised: no loss, no optimizer, no
+            weight changes. What it gains over plain PatchCore is what the data alone does; what
+            ``"all"`` gains over it is what the auxiliary tasks add.
         learning_rate: AdamW learning rate of the fine-tuning.
         weight_decay: AdamW weight decay of the fine-tuning.
         coreset_sampling_ratio: Fraction of normal patches kept in the memory bank.
@@ -109,6 +119,7 @@ class AnomalousPatchCore(MemoryBankMixin, AnomalibModule):
         tasks: Sequence[str] = TASKS,
         loss_weights: Sequence[float] = (10.0, 1.0, 1.0),
         finetune_epochs: int = 50,
+        finetune_scope: FineTuneScope = "all",
         learning_rate: float = 1e-4,
         weight_decay: float = 1e-2,
         coreset_sampling_ratio: float = 0.1,
@@ -134,6 +145,9 @@ class AnomalousPatchCore(MemoryBankMixin, AnomalibModule):
         if finetune_epochs < 0:
             msg = f"finetune_epochs must be >= 0, got {finetune_epochs}."
             raise InvalidInputError(msg)
+        if finetune_scope not in FINETUNE_SCOPES:
+            msg = f"finetune_scope must be one of {list(FINETUNE_SCOPES)}, got {finetune_scope!r}."
+            raise InvalidInputError(msg)
         if not 0 < coreset_sampling_ratio <= 1:
             msg = f"coreset_sampling_ratio must be in (0, 1], got {coreset_sampling_ratio}."
             raise InvalidInputError(msg)
@@ -158,6 +172,7 @@ class AnomalousPatchCore(MemoryBankMixin, AnomalibModule):
             )
         self.loss = ApcLoss(dict(zip(TASKS, loss_weights, strict=True)))
         self.finetune_epochs = finetune_epochs
+        self.finetune_scope = finetune_scope
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
         self.coreset_sampling_ratio = coreset_sampling_ratio
@@ -193,8 +208,9 @@ class AnomalousPatchCore(MemoryBankMixin, AnomalibModule):
         return [*super().configure_callbacks(), InterruptionGuard(lambda: self._activity)]
 
     def configure_optimizers(self) -> torch.optim.Optimizer | None:
-        """AdamW over the encoder, decoder and heads; nothing to optimise without fine-tuning."""
-        if not self.fine_tunes:
+        """AdamW over the encoder, decoder and heads; nothing to optimise without fine-tuning or for the
+        ``"batchnorm_statistics"`` control."""
+        if not self.fine_tunes or self.finetune_scope == "batchnorm_statistics":
             return None
         return torch.optim.AdamW(self.model.parameters(), lr=self.learning_rate, weight_decay=self.weight_decay)
 
@@ -253,6 +269,9 @@ class AnomalousPatchCore(MemoryBankMixin, AnomalibModule):
             raise InvalidInputError(msg)
         anomalous = labels.bool()
         self._anomalous_samples_seen += int(anomalous.sum())
+        if self.finetune_scope == "batchnorm_statistics":
+            self._adapt_batchnorm_statistics(batch.image)
+            return None
         if "segmentation" in self.model.tasks:
             self._check_masks(batch, anomalous)
         losses = self.finetune_losses(batch.image, labels, batch.gt_mask)
@@ -261,6 +280,18 @@ class AnomalousPatchCore(MemoryBankMixin, AnomalibModule):
             self.log(f"train_loss_{name}" if name != "total" else "train_loss", value, on_epoch=True, on_step=False,
                      prog_bar=name == "total", batch_size=batch_size)
         return {"loss": losses["total"]}
+
+    @torch.no_grad()
+    def _adapt_batchnorm_statistics(self, images: torch.Tensor) -> None:
+        """The encoder's forward pass of a fine-tuning step, in train mode and without gradients.
+
+        Batch norm updates its running statistics in the forward pass, so they adapt exactly as in
+        full fine-tuning while no weight can change.
+        """
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with finetune_autocast(self._finetune_precision_in_use, images.device):
+            self.model.feature_extractor.forward_all_stages(images)
 
     def finetune_losses(
         self, images: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor | None
