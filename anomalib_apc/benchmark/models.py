@@ -32,8 +32,10 @@ METRIC_NAMES = ("image_AUROC", "image_F1Max", "pixel_AUROC", "pixel_F1Max", "pix
 def resolve_initialisation(settings: BenchmarkSettings) -> Initialisation:
     """Decide once, before any run, which weights both models start from.
 
-    Asking the hub once here (it fails within seconds when offline) keeps every later model creation
-    offline and makes the fallback to random weights one clear notice instead of a failure per run.
+    Asking the hub once here keeps every later model creation offline and makes the fallback to
+    random weights one clear notice instead of a failure per run. Without a network the hub client
+    retries for about a minute before it gives up, unless ``HF_HUB_OFFLINE=1`` is set (``run.sh``
+    sets it for the demo).
 
     Raises:
         MissingInputError: ``init_weights`` does not exist.
