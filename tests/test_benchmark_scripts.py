@@ -54,3 +54,22 @@ def test_deploy_benchmark_runs_and_checks_parity(tiny_dataset, tmp_path: Path) -
     assert result.returncode == 0, result.stderr[-3000:]
     assert re.search(r"^bundle +[\d.]+ +[\d.]+x$", result.stdout, flags=re.MULTILINE), result.stdout
     assert "labels identical" in result.stdout
+
+
+def test_finetune_benchmark_compares_every_configuration_with_float32(tiny_dataset, tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "finetune_benchmark.py"), "--backbone", "resnet18", "--image-size", "32",
+         "--batch-size", "2", "--steps", "1", "--root", str(tiny_dataset.root), "--category", tiny_dataset.category,
+         "--accuracy-seeds", "0", "--accuracy-image-size", "32", "--accuracy-epochs", "1", "--output", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    table_row = r"^\| ([\w+-]+) \| [\d.]+ \| ([\d.]+)x \| [\d.]+ \| [\d.]+x \| \d+ MiB \| ([\d.]+) \|$"
+    rows = {name: (float(ratio), float(loss))
+            for name, ratio, loss in re.findall(table_row, result.stdout, flags=re.MULTILINE)}
+    assert set(rows) == {"fp32", "bf16", "channels-last", "bf16+channels-last"}, result.stdout
+    assert rows["fp32"][0] == 1.0
+    for ratio, loss in rows.values():  # the same steps from the same weights: losses agree to bfloat16's precision
+        assert ratio > 0 and loss == pytest.approx(rows["fp32"][1], rel=0.05)
+    assert re.search(r"^\| fp32 \| [\d.]+ ± 0\.00", result.stdout, flags=re.MULTILINE), result.stdout
+    assert re.search(r"^paired default \(.*\) - fp32, image_AUROC: [+-][\d.]+", result.stdout, flags=re.MULTILINE)
