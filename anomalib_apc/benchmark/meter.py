@@ -135,7 +135,7 @@ def warm_up(model: AnomalousPatchCore, settings: BenchmarkSettings) -> None:
     """
     encoder = model.model.feature_extractor
     modes = {module: module.training for module in encoder.modules()}
-    images = torch.zeros(settings.eval_batch_size, 3, settings.image_size, settings.image_size)
+    images = torch.zeros(settings.eval_batch_size, 3, *settings.image_shape)
     with torch.inference_mode():
         encoder.eval()(images)
     for module, training in modes.items():
