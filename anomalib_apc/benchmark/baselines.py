@@ -91,8 +91,9 @@ def copy_initial_weights(apc: nn.Module, baseline: nn.Module) -> None:
     """Give a baseline's timm feature extractor APC's (not yet fine-tuned) encoder weights.
 
     A timm feature extractor holds the backbone's stages up to the deepest memory-bank layer under
-    the same names as APC's full encoder (``features.32.weight`` for vgg16_bn, ``layer2.0.conv1.weight``
-    for a ResNet), so every tensor it has must be found.
+    the names of APC's full encoder (``layer2.0.conv1.weight`` for a ResNet), except that it flattens
+    some sequentials (vgg16_bn's ``features.32.weight`` is its ``features_32.weight``): names are
+    compared with ``.`` and ``_`` alike, and every tensor it has must be found.
 
     Args:
         apc: An ``AnomalousPatchCore`` (its encoder is read).
@@ -103,18 +104,25 @@ def copy_initial_weights(apc: nn.Module, baseline: nn.Module) -> None:
             APC's encoder or differs in shape (a backbone whose timm feature extractor is built differently).
     """
     target = timm_feature_extractor(baseline)
+    name = type(baseline).__name__.removeprefix("Seeded")
     if target is None:
-        msg = f"{type(baseline).__name__} has no timm feature extractor to receive APC's initial weights."
+        msg = f"{name} has no timm feature extractor to receive APC's initial weights."
         raise InvalidInputError(msg)
-    source = apc.model.feature_extractor.model.state_dict()
+    source = {_flat(key): tensor for key, tensor in apc.model.feature_extractor.model.state_dict().items()}
     unmatched = [
-        name for name, tensor in target.state_dict().items()
-        if name not in source or source[name].shape != tensor.shape
+        key for key, tensor in target.state_dict().items()
+        if _flat(key) not in source or source[_flat(key)].shape != tensor.shape
     ]  # fmt: skip
     if unmatched:
         msg = (
-            f"{type(baseline).__name__}'s feature extractor does not match APC's encoder, so both cannot start "
-            f"from the same weights; unmatched tensors: {unmatched[:5]}"
+            f"{name}'s feature extractor does not match APC's encoder, so both cannot start from the same "
+            f"weights; unmatched tensors: {unmatched[:5]}"
         )
         raise InvalidInputError(msg)
-    target.load_state_dict({name: source[name] for name in target.state_dict()})
+    target.load_state_dict({key: source[_flat(key)] for key in target.state_dict()})
+
+
+def _flat(key: str) -> str:
+    """A tensor name with ``.`` as ``_``: timm's feature extractors flatten some sequentials (vgg's
+    ``features.32.weight`` becomes ``features_32.weight``), the full network does not."""
+    return key.replace(".", "_")

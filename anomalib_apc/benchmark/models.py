@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from anomalib.metrics import AUPRO, AUROC, Evaluator, F1Max
 from anomalib.models import Patchcore
 from anomalib.models.components import AnomalibModule
 
@@ -27,6 +26,7 @@ from anomalib_apc.benchmark.baselines import (
     shared_arguments,
     timm_feature_extractor,
 )
+from anomalib_apc.benchmark.metrics import make_evaluator
 from anomalib_apc.benchmark.results import Initialisation
 from anomalib_apc.benchmark.settings import APC, PATCHCORE, PATCHCORE_FAST_CORESET, BenchmarkSettings, variant_row
 from anomalib_apc.benchmark.variants import Variant
@@ -37,10 +37,6 @@ from anomalib_apc.models.apc.init_weights import PretrainedWeightsUnavailableErr
 from anomalib_apc.sampling import FastKCenterGreedy, seeded_global_rngs
 
 logger = logging.getLogger(__name__)
-
-METRIC_NAMES = ("image_AUROC", "image_F1Max", "pixel_AUROC", "pixel_F1Max", "pixel_AUPRO")
-"""Names under which anomalib's ``Evaluator`` reports the metrics of :func:`make_evaluator`."""
-
 
 def resolve_initialisation(settings: BenchmarkSettings) -> Initialisation:
     """Decide once, before any run, which weights both models start from.
@@ -55,7 +51,12 @@ def resolve_initialisation(settings: BenchmarkSettings) -> Initialisation:
     if settings.init_weights is not None:
         # Read once here: APC defers a missing file to its training, and Patchcore copies APC's weights,
         # so without this check Patchcore would run on random weights labelled as the checkpoint's.
-        create_encoder_backbone(settings.backbone, pre_trained=False, init_weights=settings.init_weights)
+        create_encoder_backbone(
+            settings.backbone,
+            pre_trained=False,
+            init_weights=settings.init_weights,
+            init_weights_key_map=settings.key_map or None,
+        )
         return Initialisation(False, settings.init_weights, f"checkpoint {settings.init_weights}")
     if not settings.pre_trained:
         return Initialisation(False, None, "random (--no-pretrained)")
@@ -108,19 +109,6 @@ class SeededPatchcore(Patchcore):
         store.clear()
         sampler = FastKCenterGreedy(embeddings, self.coreset_sampling_ratio, seed=self.coreset_seed)
         self.model.memory_bank = sampler.sample_coreset()
-
-
-def make_evaluator() -> Evaluator:
-    """anomalib's metrics on raw scores: AUROC and F1 at the F1-optimal threshold per level, and AUPRO."""
-    return Evaluator(
-        test_metrics=[
-            AUROC(fields=["pred_score", "gt_label"], prefix="image_"),
-            F1Max(fields=["pred_score", "gt_label"], prefix="image_"),
-            AUROC(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False),
-            F1Max(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False),
-            AUPRO(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False),
-        ],
-    )
 
 
 def build_models(
@@ -184,7 +172,9 @@ def build_baseline(
     """Baseline ``name`` set up like ``apc``: backbone, layers, image size, initial weights and coreset seed.
 
     Patchcore is :class:`SeededPatchcore`; any other anomalib model gets the arguments its constructor
-    takes and, as a memory-bank model, a memory bank fitted under the seed. APC's initial weights are
+    takes and, as a memory-bank model, a memory bank fitted under the seed. Every baseline gets
+    Patchcore's pre-processor (resize to the image size, ImageNet normalisation), so all rows see the
+    same pixels: a model's own one may crop (MHPatchcore's fixed 224 px centre crop). APC's initial weights are
     copied into its timm feature extractor when it has one; without one it keeps its own initialisation
     (random unless ``pre_trained`` and the hub are available).
     """
@@ -199,13 +189,17 @@ def build_baseline(
             coreset_sampling_ratio=settings.coreset_sampling_ratio,
         )
         arguments |= {
-            "pre_processor": cls.configure_pre_processor(image_size=settings.image_shape),
+            "pre_processor": Patchcore.configure_pre_processor(image_size=settings.image_shape),
             "evaluator": make_evaluator(),
             **NO_POST_PROCESSING,
         }
         if cls is Patchcore:
             return SeededPatchcore(coreset_seed=seed, fast_coreset=fast, **arguments)
-        model = seeded_class(cls)(**arguments)
+        try:
+            model = seeded_class(cls)(**arguments)
+        except (TypeError, ValueError, RuntimeError) as error:
+            msg = f"--baselines {name}: anomalib's {cls.__name__} cannot be built for this benchmark: {error}"
+            raise InvalidInputError(msg) from error
         model.coreset_seed = seed
         return model
 

@@ -39,8 +39,8 @@ from anomalib_apc.benchmark.data import (
     resolve_categories,
 )
 from anomalib_apc.benchmark.meter import RunMeter, warm_up
+from anomalib_apc.benchmark.metrics import METRIC_NAMES
 from anomalib_apc.benchmark.models import (
-    METRIC_NAMES,
     Initialisation,
     build_models,
     check_variant_arguments,
@@ -192,13 +192,8 @@ def run_split(
     seed_everything(seed, workers=True)
     models = build_models(settings, initialisation, seed, variants)
     warm_up(models[APC], settings)
-    apc_datamodule = make_datamodule(settings, data, seed)
-    baseline_datamodule = make_datamodule(settings, data, seed)
-    datamodules = {APC: apc_datamodule}
-    datamodules |= {
-        variant_row(variant.name): make_datamodule(settings, data, seed, **variant.data_arguments)
-        for variant in variants
-    }
+    datamodules = make_datamodules(settings, data, seed, variants)
+    apc_datamodule, baseline_datamodule = datamodules[APC], datamodules[BASELINES]
     runs: list[ModelRun] = []
     meters: dict[str, RunMeter] = {}
     for name, model in models.items():
@@ -219,7 +214,7 @@ def run_split(
 
     finished = [run for run in runs if run.ok]
     others = [module for row, module in datamodules.items() if row != APC]
-    mismatch = describe_split_mismatch(finished, apc_datamodule, baseline_datamodule, *others)
+    mismatch = describe_split_mismatch(finished, apc_datamodule, *others)
     if mismatch:
         for run in finished:
             run.error = f"Split mismatch: {mismatch}"
@@ -229,6 +224,23 @@ def run_split(
         for run in finished:
             run.evidence = meters[run.model].evidence(examples)
     return SplitRun(data.category, seed, runs)
+
+
+BASELINES = "baselines"
+"""Key of the datamodule the baselines share in :func:`make_datamodules`."""
+
+
+def make_datamodules(
+    settings: BenchmarkSettings, data: CategoryData, seed: int, variants: Sequence[Variant] = ()
+) -> dict[str, SupervisedMVTecAD]:
+    """One datamodule for APC, one per variant (its ``data.init_args`` applied) and one the baselines share.
+
+    All are built with the same split arguments and seed, so they move the same anomalies to training.
+    """
+    datamodules = {APC: make_datamodule(settings, data, seed), BASELINES: make_datamodule(settings, data, seed)}
+    for variant in variants:
+        datamodules[variant_row(variant.name)] = make_datamodule(settings, data, seed, **variant.data_arguments)
+    return datamodules
 
 
 def _fit_and_test(model: AnomalibModule, engine: Engine, datamodule: SupervisedMVTecAD) -> dict[str, float]:
