@@ -172,9 +172,9 @@ class BenchmarkSettings:
     init_weights_key_map: tuple[str, ...] = field(
         default=(),
         metadata=cli(
-            "REGEX=REPLACEMENT applied (in order, re.sub) to the key names of --init-weights before loading, for "
-            "checkpoints from other codebases; repeatable. Both models load through it: APC's encoder reads the "
-            "checkpoint, the baselines copy APC's initial weights",
+            "REGEX=REPLACEMENT applied (in order, re.sub) to the key names of --init-weights, for checkpoints from "
+            "other codebases (names as read, without a leading 'module.'; e.g. '^basenet\\.slice[1-4]\\.=features.' "
+            "for CRAFT's VGG16-BN trunk); repeatable. APC's encoder loads through it, the baselines copy APC's weights",
             MODELS,
             default_text="none",
             action="append",
