@@ -11,6 +11,9 @@ disagree. After editing this script run::
 The ablation files are overrides for the paper's ablation tables, given after a category config::
 
     anomalib train --config configs/apc/mvtecad/pill.yaml --config configs/ablations/unet4.yaml
+
+``anomalib-apc benchmark --variants`` reads the same files (``bn_only.yaml`` is the row ``APC bn-only``),
+so an ablation's settings live here only.
 """
 
 from pathlib import Path
@@ -138,6 +141,11 @@ ABLATIONS: dict[str, tuple[str, dict[str, Any]]] = {
     "imagenet_init": (
         "timm's ImageNet weights instead of MoCo v3 (ablation row 'ImageNet init').",
         {"model": {"init_args": {"pre_trained": True, "init_weights": None}}},
+    ),
+    "bn_only": (
+        "Control: the same batches and epochs, encoder weights frozen, only its batch-norm statistics adapt to the "
+        "supervised images: what the data alone does, without the auxiliary tasks' gradients.",
+        {"model": {"init_args": {"finetune_scope": "batchnorm_statistics"}}},
     ),
     "no_cutpaste": (
         "No CutPaste: the real training anomalies only (ablation row 'without CutPaste').",

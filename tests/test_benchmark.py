@@ -96,7 +96,7 @@ def test_writes_tables_with_every_quantity_and_a_mean_row(demo_benchmark: Path) 
     report = json.loads((demo_benchmark / "results.json").read_text())
     assert {row["category"] for row in report["summary"]} == {"demo", "mean"}
     markdown = (demo_benchmark / "results.md").read_text()
-    assert "| APC | demo |" in markdown and "APC minus Patchcore" in markdown
+    assert "| APC | demo |" in markdown and "## Minus Patchcore" in markdown
     assert "random (--no-pretrained)" in markdown
 
 

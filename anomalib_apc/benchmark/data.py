@@ -9,6 +9,7 @@ afterwards that the two datamodules agreed.
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from anomalib_apc.benchmark.results import DEMO_DATASET_DIR
 from anomalib_apc.benchmark.settings import MVTEC_LAYOUT, BenchmarkSettings
@@ -77,8 +78,14 @@ def check_mvtec_layout(folder: Path, name: str) -> None:
     raise MissingInputError(msg)
 
 
-def make_datamodule(settings: BenchmarkSettings, data: CategoryData, seed: int) -> SupervisedMVTecAD:
-    """The supervised split of one category for one seed; called once per model with identical arguments."""
+def make_datamodule(
+    settings: BenchmarkSettings, data: CategoryData, seed: int, **overrides: Any
+) -> SupervisedMVTecAD:
+    """The supervised split of one category for one seed; called once per model with identical split arguments.
+
+    ``overrides`` are an APC variant's ``data.init_args`` (e.g. ``cutpaste_probability``); they never
+    change the split (the variants that would are refused before).
+    """
     return SupervisedMVTecAD(
         root=data.root,
         category=data.category,
@@ -87,6 +94,7 @@ def make_datamodule(settings: BenchmarkSettings, data: CategoryData, seed: int) 
         train_batch_size=settings.train_batch_size,
         eval_batch_size=settings.eval_batch_size,
         num_workers=settings.num_workers,
+        **overrides,
     )
 
 

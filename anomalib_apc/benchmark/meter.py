@@ -15,6 +15,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torchmetrics.functional.classification import binary_roc
 
+from anomalib_apc.benchmark.metrics import unit_interval
 from anomalib_apc.benchmark.results import TestEvidence
 from anomalib_apc.benchmark.settings import BenchmarkSettings
 from anomalib_apc.models import AnomalousPatchCore
@@ -135,7 +136,7 @@ def warm_up(model: AnomalousPatchCore, settings: BenchmarkSettings) -> None:
     """
     encoder = model.model.feature_extractor
     modes = {module: module.training for module in encoder.modules()}
-    images = torch.zeros(settings.eval_batch_size, 3, settings.image_size, settings.image_size)
+    images = torch.zeros(settings.eval_batch_size, 3, *settings.image_shape)
     with torch.inference_mode():
         encoder.eval()(images)
     for module, training in modes.items():
@@ -146,6 +147,6 @@ def roc_curve(scores: torch.Tensor, labels: torch.Tensor) -> tuple[np.ndarray, n
     """False and true positive rates, thinned to about ``ROC_CURVE_POINTS`` points (ends kept)."""
     if labels.min() == labels.max():
         return np.array([0.0, 1.0]), np.array([0.0, 1.0])
-    fpr, tpr, _ = binary_roc(scores, labels)
+    fpr, tpr, _ = binary_roc(unit_interval(scores), labels)  # raw scores would be squashed by a sigmoid
     keep = np.unique(np.linspace(0, len(fpr) - 1, min(len(fpr), ROC_CURVE_POINTS)).round().astype(int))
     return fpr[keep].numpy(), tpr[keep].numpy()

@@ -1,33 +1,42 @@
-"""The compared models, built on identical weights: APC and anomalib's Patchcore (one or two rows).
+"""The compared models, built on identical weights: the baselines, APC and APC's variants (one row each).
 
-- One initialisation. Patchcore's feature extractor receives a copy of APC's encoder weights before
-  APC fine-tunes them (:func:`copy_initial_weights`), so both start from identical weights whether
-  they come from timm's hub, a checkpoint file (``init_weights``) or the seeded random generator.
+- One initialisation. Each baseline's feature extractor receives a copy of APC's encoder weights before
+  APC fine-tunes them (:func:`copy_initial_weights`), so all start from identical weights whether
+  they come from timm's hub, a checkpoint file (``init_weights``, through ``init_weights_key_map``)
+  or the seeded random generator; a variant is APC with its ablation config's overrides.
 - One coreset. :class:`SeededPatchcore` is anomalib's ``Patchcore`` whose coreset is drawn under the
   same seeded generators as APC's (``coreset_seed``), so that with identical features both keep
   identical memory-bank rows and a score difference is the features', not the coreset draw's.
 """
 
+import inspect
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import torch
-from anomalib.metrics import AUPRO, AUROC, Evaluator, F1Max
 from anomalib.models import Patchcore
 from anomalib.models.components import AnomalibModule
 
+from anomalib_apc.benchmark.baselines import (
+    baseline_row,
+    copy_initial_weights,
+    resolve_baseline,
+    seeded_class,
+    shared_arguments,
+    timm_feature_extractor,
+)
+from anomalib_apc.benchmark.metrics import make_evaluator
 from anomalib_apc.benchmark.results import Initialisation
-from anomalib_apc.benchmark.settings import APC, PATCHCORE_FAST_CORESET, BenchmarkSettings
+from anomalib_apc.benchmark.settings import APC, PATCHCORE, PATCHCORE_FAST_CORESET, BenchmarkSettings, variant_row
+from anomalib_apc.benchmark.variants import Variant
+from anomalib_apc.data import SupervisedMVTecAD
 from anomalib_apc.errors import InvalidInputError
 from anomalib_apc.models import AnomalousPatchCore
 from anomalib_apc.models.apc.init_weights import PretrainedWeightsUnavailableError, create_encoder_backbone
 from anomalib_apc.sampling import FastKCenterGreedy, seeded_global_rngs
 
 logger = logging.getLogger(__name__)
-
-METRIC_NAMES = ("image_AUROC", "image_F1Max", "pixel_AUROC", "pixel_F1Max", "pixel_AUPRO")
-"""Names under which anomalib's ``Evaluator`` reports the metrics of :func:`make_evaluator`."""
-
 
 def resolve_initialisation(settings: BenchmarkSettings) -> Initialisation:
     """Decide once, before any run, which weights both models start from.
@@ -44,7 +53,12 @@ def resolve_initialisation(settings: BenchmarkSettings) -> Initialisation:
     if settings.init_weights is not None:
         # Read once here: APC defers a missing file to its training, and Patchcore copies APC's weights,
         # so without this check Patchcore would run on random weights labelled as the checkpoint's.
-        create_encoder_backbone(settings.backbone, pre_trained=False, init_weights=settings.init_weights)
+        create_encoder_backbone(
+            settings.backbone,
+            pre_trained=False,
+            init_weights=settings.init_weights,
+            init_weights_key_map=settings.key_map or None,
+        )
         return Initialisation(False, settings.init_weights, f"checkpoint {settings.init_weights}")
     if not settings.pre_trained:
         return Initialisation(False, None, "random (--no-pretrained)")
@@ -99,82 +113,120 @@ class SeededPatchcore(Patchcore):
         self.model.memory_bank = sampler.sample_coreset()
 
 
-def make_evaluator() -> Evaluator:
-    """anomalib's metrics on raw scores: AUROC and F1 at the F1-optimal threshold per level, and AUPRO."""
-    return Evaluator(
-        test_metrics=[
-            AUROC(fields=["pred_score", "gt_label"], prefix="image_"),
-            F1Max(fields=["pred_score", "gt_label"], prefix="image_"),
-            AUROC(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False),
-            F1Max(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False),
-            AUPRO(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False),
-        ],
-    )
+def build_models(
+    settings: BenchmarkSettings,
+    initialisation: Initialisation,
+    seed: int,
+    variants: Sequence[Variant] = (),
+) -> dict[str, AnomalibModule]:
+    """Every row's model: the baselines, APC and its variants, on the same backbone, layers, image size and seeds.
 
-
-def build_models(settings: BenchmarkSettings, initialisation: Initialisation, seed: int) -> dict[str, AnomalibModule]:
-    """APC and anomalib's Patchcore (one or two) with the same backbone, layers, image size, weights and coreset seed.
+    The baselines get APC's initial weights where their feature extractor matches it; each variant
+    is APC with its config's ``model.init_args`` applied (:func:`apc_arguments`), so it starts from
+    the same weights unless the variant itself changes them (``imagenet-init``).
 
     anomalib's post-processor and visualizer are left out: the min-max normalisation is monotonic
     and the adaptive threshold is exactly what ``F1Max`` finds, so they would change no figure, but
     would cost an extra validation pass over the test images for each model.
     """
-    image_size = (settings.image_size, settings.image_size)
-    components = {"post_processor": False, "visualizer": False}
-    apc = AnomalousPatchCore(
-        backbone=settings.backbone,
-        layers=settings.layers,
-        pre_trained=initialisation.pre_trained,
-        init_weights=initialisation.init_weights,
-        finetune_epochs=settings.finetune_epochs,
-        coreset_sampling_ratio=settings.coreset_sampling_ratio,
-        coreset_seed=seed,
-        seed=seed,
-        pre_processor=AnomalousPatchCore.configure_pre_processor(image_size=image_size),
-        evaluator=make_evaluator(),
-        **components,
-    )
+    apc = AnomalousPatchCore(**apc_arguments(settings, initialisation, seed))
     models: dict[str, AnomalibModule] = {}
-    for name in settings.model_names:
-        if name == APC:
-            continue
-        patchcore = SeededPatchcore(
-            coreset_seed=seed,
-            fast_coreset=name == PATCHCORE_FAST_CORESET,
-            backbone=settings.backbone,
-            layers=settings.layers,
-            pre_trained=False,
-            coreset_sampling_ratio=settings.coreset_sampling_ratio,
-            pre_processor=Patchcore.configure_pre_processor(image_size=image_size),
-            evaluator=make_evaluator(),
-            **components,
-        )
-        copy_initial_weights(apc, patchcore)
-        models[name] = patchcore
+    for name in settings.baselines:
+        models[baseline_row(name)] = build_baseline(name, settings, initialisation, seed, apc)
+    if settings.patchcore_fast_coreset:
+        models[PATCHCORE_FAST_CORESET] = build_baseline(PATCHCORE, settings, initialisation, seed, apc, fast=True)
     models[APC] = apc
+    for variant in variants:
+        arguments = apc_arguments(settings, initialisation, seed) | variant.model_arguments
+        models[variant_row(variant.name)] = AnomalousPatchCore(**arguments)
     return models
 
 
-def copy_initial_weights(apc: AnomalousPatchCore, patchcore: Patchcore) -> None:
-    """Give Patchcore's feature extractor APC's (not yet fine-tuned) encoder weights.
+def apc_arguments(settings: BenchmarkSettings, initialisation: Initialisation, seed: int) -> dict[str, Any]:
+    """``AnomalousPatchCore``'s constructor arguments for APC's row (a variant's config overrides some)."""
+    return {
+        "backbone": settings.backbone,
+        "layers": settings.layers,
+        "pre_trained": initialisation.pre_trained,
+        "init_weights": initialisation.init_weights,
+        "init_weights_key_map": settings.key_map or None,
+        "finetune_epochs": settings.finetune_epochs,
+        "coreset_sampling_ratio": settings.coreset_sampling_ratio,
+        "coreset_seed": seed,
+        "seed": seed,
+        "pre_processor": AnomalousPatchCore.configure_pre_processor(image_size=settings.image_shape),
+        "evaluator": make_evaluator(),
+        **NO_POST_PROCESSING,
+    }
 
-    Patchcore's timm feature extractor holds the backbone's stages up to the deepest memory-bank
-    layer under the same names as APC's full encoder, so every tensor it has must be found.
+
+NO_POST_PROCESSING = {"post_processor": False, "visualizer": False}
+
+
+def build_baseline(
+    name: str,
+    settings: BenchmarkSettings,
+    initialisation: Initialisation,
+    seed: int,
+    apc: AnomalousPatchCore,
+    fast: bool = False,
+) -> AnomalibModule:
+    """Baseline ``name`` set up like ``apc``: backbone, layers, image size, initial weights and coreset seed.
+
+    Patchcore is :class:`SeededPatchcore`; any other anomalib model gets the arguments its constructor
+    takes and, as a memory-bank model, a memory bank fitted under the seed. Every baseline gets
+    Patchcore's pre-processor (resize to the image size, ImageNet normalisation), so all rows see the
+    same pixels: a model's own one may crop (MHPatchcore's fixed 224 px centre crop). APC's initial weights are
+    copied into its timm feature extractor when it has one; without one it keeps its own initialisation
+    (random unless ``pre_trained`` and the hub are available).
+    """
+    cls = resolve_baseline(name)
+
+    def build(pre_trained: bool) -> AnomalibModule:
+        arguments = shared_arguments(
+            cls,
+            backbone=settings.backbone,
+            layers=settings.layers,
+            pre_trained=pre_trained,
+            coreset_sampling_ratio=settings.coreset_sampling_ratio,
+        )
+        arguments |= {
+            "pre_processor": Patchcore.configure_pre_processor(image_size=settings.image_shape),
+            "evaluator": make_evaluator(),
+            **NO_POST_PROCESSING,
+        }
+        if cls is Patchcore:
+            return SeededPatchcore(coreset_seed=seed, fast_coreset=fast, **arguments)
+        try:
+            model = seeded_class(cls)(**arguments)
+        except (TypeError, ValueError, RuntimeError) as error:
+            msg = f"--baselines {name}: anomalib's {cls.__name__} cannot be built for this benchmark: {error}"
+            raise InvalidInputError(msg) from error
+        model.coreset_seed = seed
+        return model
+
+    baseline = build(pre_trained=False)  # APC's weights are copied in: nothing to fetch
+    if timm_feature_extractor(baseline) is not None:
+        copy_initial_weights(apc, baseline)
+    elif initialisation.pre_trained:
+        baseline = build(pre_trained=True)
+    return baseline
+
+
+def check_variant_arguments(variants: Sequence[Variant]) -> None:
+    """Refuse, before any training, a variant whose config sets an argument APC or its datamodule does not take.
 
     Raises:
-        InvalidInputError: A tensor of Patchcore's extractor is missing from APC's encoder or differs in
-            shape (a backbone whose timm feature extractor is built differently).
+        InvalidInputError: The variant, its file and the unknown arguments.
     """
-    source = apc.model.feature_extractor.model.state_dict()
-    target = patchcore.model.feature_extractor.feature_extractor
-    unmatched = [
-        name for name, tensor in target.state_dict().items()
-        if name not in source or source[name].shape != tensor.shape
-    ]  # fmt: skip
-    if unmatched:
-        msg = (
-            f"--backbone {patchcore.model.backbone}: Patchcore's feature extractor does not match APC's encoder, "
-            f"so both cannot start from the same weights; unmatched tensors: {unmatched[:5]}"
-        )
-        raise InvalidInputError(msg)
-    target.load_state_dict({name: source[name] for name in target.state_dict()})
+    model_parameters = inspect.signature(AnomalousPatchCore.__init__).parameters
+    data_parameters = inspect.signature(SupervisedMVTecAD.__init__).parameters
+    for variant in variants:
+        unknown = [f"model.init_args.{key}" for key in variant.model_arguments if key not in model_parameters]
+        unknown += [f"data.init_args.{key}" for key in variant.data_arguments if key not in data_parameters]
+        if unknown:
+            msg = (
+                f"--variants {variant.name} ({variant.path}) sets {unknown}, which this version of "
+                "AnomalousPatchCore / SupervisedMVTecAD does not take."
+            )
+            raise InvalidInputError(msg)

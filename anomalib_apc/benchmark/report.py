@@ -4,8 +4,9 @@ Every table has one row per model and category, with the mean and the sample sta
 over the seeds, and a ``mean`` row per model (in ``results.md`` only when there are several
 categories, as it would repeat the one category otherwise). The mean row averages each seed's categories first and
 then takes mean and spread over seeds, so its spread is the seed-to-seed spread of the average, the
-figure a user deciding between the models needs. ``results.md`` adds APC's paired difference to
-Patchcore (same category and seed, so the split's own difficulty cancels out).
+figure a user deciding between the models needs. ``results.md`` adds the paired differences (same
+category and seed, so the split's own difficulty cancels out) of every row to the first baseline
+(Patchcore by default) and of every APC variant to APC.
 
 The figures come from ``figures``.
 """
@@ -21,7 +22,7 @@ from typing import Any
 
 from anomalib_apc.benchmark.figures import write_figures
 from anomalib_apc.benchmark.results import DEMO_DATASET_DIR, FIGURES_DIR, RESULT_FILES, BenchmarkResult, ModelRun
-from anomalib_apc.benchmark.settings import APC, PATCHCORE
+from anomalib_apc.benchmark.settings import APC, PATCHCORE, BenchmarkSettings
 
 MEAN_CATEGORY = "mean"
 
@@ -120,17 +121,39 @@ def _spread(values: Sequence[float]) -> float:
     return statistics.stdev(values)
 
 
-def paired_differences(result: BenchmarkResult) -> list[dict[str, Any]]:
-    """APC minus Patchcore per category and for the category mean, over the seeds both finished."""
+def difference_pairs(result: BenchmarkResult) -> list[tuple[str, str]]:
+    """(model, reference) of every paired-difference table row: each row minus the first baseline, variants minus APC.
+
+    The first baseline is Patchcore by default; the variants are also compared with APC, which tells
+    what each change to APC does on the same split and seed.
+    """
+    models = result.settings.model_names
+    reference = result.settings.baselines[0] if result.settings.baselines else PATCHCORE
+    pairs = [(model, reference) for model in models if model != reference]
+    variants = [model for model in models if model.startswith(f"{APC} ")]
+    return pairs + [(variant, APC) for variant in variants]
+
+
+def all_paired_differences(result: BenchmarkResult) -> list[dict[str, Any]]:
+    """:func:`paired_differences` for every pair of :func:`difference_pairs`, each row naming model and reference."""
+    return [
+        {"model": model, "reference": reference, **row}
+        for model, reference in difference_pairs(result)
+        for row in paired_differences(result, model, reference)
+    ]
+
+
+def paired_differences(result: BenchmarkResult, model: str = APC, reference: str = PATCHCORE) -> list[dict[str, Any]]:
+    """``model`` minus ``reference`` per category and for the category mean, over the seeds both finished."""
     finished = {(run.model, run.category, run.seed): run for run in result.runs if run.ok}
     categories = list(dict.fromkeys(run.category for run in result.runs))
     by_category: dict[str, dict[int, dict[str, float]]] = {}
     for category in categories:
         for seed in result.settings.seeds:
-            apc, patchcore = finished.get((APC, category, seed)), finished.get((PATCHCORE, category, seed))
-            if apc and patchcore:
+            minuend, subtrahend = finished.get((model, category, seed)), finished.get((reference, category, seed))
+            if minuend and subtrahend:
                 by_category.setdefault(category, {})[seed] = {
-                    q.key: q.read(apc) - q.read(patchcore) for q in METRIC_QUANTITIES
+                    q.key: q.read(minuend) - q.read(subtrahend) for q in METRIC_QUANTITIES
                 }
     rows = [_difference_row(category, per_seed) for category, per_seed in by_category.items()]
     if len(by_category) > 1:
@@ -158,7 +181,7 @@ def write_report(result: BenchmarkResult) -> dict[str, Path]:
     output = result.settings.output
     output.mkdir(parents=True, exist_ok=True)
     summary = summarise(result)
-    differences = paired_differences(result)
+    differences = all_paired_differences(result)
     paths = {kind: output / name for kind, name in RESULT_FILES.items()}
     paths["markdown"].write_text(markdown_report(result, summary, differences))
     _write_csv(paths["csv"], [row.as_record() for row in summary])
@@ -183,8 +206,14 @@ def _json_report(result: BenchmarkResult, summary: Sequence[SummaryRow], differe
             "description": result.initialisation.description,
             "notice": result.initialisation.notice,
         },
+        "notices": result.notices,
         "summary": [row.as_record() for row in summary],
-        "apc_minus_patchcore": differences,
+        "apc_minus_patchcore": [
+            {key: value for key, value in row.items() if key not in ("model", "reference")}
+            for row in differences
+            if (row["model"], row["reference"]) == (APC, PATCHCORE)
+        ],
+        "paired_differences": differences,
         "runs": [_finite_record(run.as_record()) for run in result.runs],
         "failures": result.failures,
     }
@@ -204,16 +233,16 @@ def markdown_report(result: BenchmarkResult, summary: Sequence[SummaryRow], diff
     settings, initialisation = result.settings, result.initialisation
     seeds = ", ".join(str(seed) for seed in settings.seeds)
     lines = [
-        "# Patchcore vs AnomalousPatchCore",
+        f"# {' vs '.join(settings.baselines)} vs AnomalousPatchCore",
         "",
         (
             f"- Data: {settings.dataset} ({_data_location(result)}); {settings.num_anomalies} anomalies per "
             "category moved from test to APC's training and removed from both models' test sets."
         ),
         (
-            f"- Backbone {settings.backbone} ({', '.join(settings.layers)}), {settings.image_size} px, coreset "
-            f"{100 * settings.coreset_sampling_ratio:g} %, for both models; initialisation: "
-            f"{initialisation.description}."
+            f"- Backbone {settings.backbone} ({', '.join(settings.layers)}), {_size_text(settings)}, coreset "
+            f"{100 * settings.coreset_sampling_ratio:g} %, for every model; initialisation: "
+            f"{initialisation.description}{_key_map_text(settings)}."
         ),
         (
             f"- APC: {settings.finetune_epochs} fine-tuning epochs, batch {settings.train_batch_size}. "
@@ -223,8 +252,11 @@ def markdown_report(result: BenchmarkResult, summary: Sequence[SummaryRow], diff
     test_sets = _test_set_sizes(result)
     if test_sets:
         lines.append(f"- Test images (anomalous): {test_sets}.")
-    if initialisation.notice:
-        lines += ["", f"> **Notice:** {initialisation.notice}"]
+    if settings.variants:
+        variants = ", ".join(settings.variants)
+        lines.append(f"- APC variants (configs/ablations/, same split, seeds and initial weights): {variants}.")
+    for notice in ([initialisation.notice] if initialisation.notice else []) + result.notices:
+        lines += ["", f"> **Notice:** {notice}"]
     if len({row.category for row in summary}) <= 2:  # one category: its mean rows would repeat it
         summary = [row for row in summary if row.category != MEAN_CATEGORY]
     lines += ["", *_markdown_table(["Model", "Category", *(q.header for q in QUANTITIES)], _table_cells(summary)), ""]
@@ -236,20 +268,32 @@ def markdown_report(result: BenchmarkResult, summary: Sequence[SummaryRow], diff
         f"(batches of {settings.eval_batch_size}). `mean` rows (several categories) average each seed's "
         "categories first."
     )
-    if differences:
-        lines += ["", "## APC minus Patchcore (paired by category and seed)", ""]
+    for reference in dict.fromkeys(row["reference"] for row in differences):
+        rows = [row for row in differences if row["reference"] == reference]
+        lines += ["", f"## Minus {reference} (paired by category and seed)", ""]
         cells = [
             [
+                row["model"],
                 row["category"],
                 *(_format_value(row[q.key], row[f"{q.key}_std"], q, signed=True) for q in METRIC_QUANTITIES),
             ]
-            for row in differences
+            for row in rows
         ]
-        lines += _markdown_table(["Category", *(q.header for q in METRIC_QUANTITIES)], cells)
+        lines += _markdown_table(["Model", "Category", *(q.header for q in METRIC_QUANTITIES)], cells)
     if result.failures:
         lines += ["", "## Failed runs", "", *(f"- {failure}" for failure in result.failures)]
     lines += ["", "Figures: `figures/` (the same test images side by side, ROC curves).", ""]
     return "\n".join(lines)
+
+
+def _size_text(settings: BenchmarkSettings) -> str:
+    height, width = settings.image_shape
+    return f"{height} px" if height == width else f"{height} x {width} px (height x width)"
+
+
+def _key_map_text(settings: BenchmarkSettings) -> str:
+    pairs = ", ".join(f"{pattern!r} -> {replacement!r}" for pattern, replacement in settings.key_map.items())
+    return f" (checkpoint keys renamed: {pairs})" if pairs else ""
 
 
 def _data_location(result: BenchmarkResult) -> str:

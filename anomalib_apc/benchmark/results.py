@@ -101,6 +101,8 @@ class BenchmarkResult:
     initialisation: Initialisation
     device: str
     splits: list[SplitRun] = field(default_factory=list)
+    notices: list[str] = field(default_factory=list)
+    """One line per row left out before training (e.g. ``APC imagenet-init`` without pretrained weights)."""
 
     @property
     def runs(self) -> list[ModelRun]:

@@ -19,6 +19,7 @@ import logging
 import re
 import shutil
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,7 @@ from lightning.pytorch import seed_everything
 from lightning.pytorch.callbacks import TQDMProgressBar
 from tqdm.auto import tqdm
 
+from anomalib_apc.benchmark.baselines import baseline_row
 from anomalib_apc.benchmark.data import (
     CategoryData,
     describe_datamodule_mismatch,
@@ -37,7 +39,13 @@ from anomalib_apc.benchmark.data import (
     resolve_categories,
 )
 from anomalib_apc.benchmark.meter import RunMeter, warm_up
-from anomalib_apc.benchmark.models import METRIC_NAMES, Initialisation, build_models, resolve_initialisation
+from anomalib_apc.benchmark.metrics import METRIC_NAMES
+from anomalib_apc.benchmark.models import (
+    Initialisation,
+    build_models,
+    check_variant_arguments,
+    resolve_initialisation,
+)
 from anomalib_apc.benchmark.results import (
     BENCHMARK_OUTPUTS,
     DEMO_DATASET_DIR,
@@ -46,10 +54,12 @@ from anomalib_apc.benchmark.results import (
     ModelRun,
     SplitRun,
 )
-from anomalib_apc.benchmark.settings import APC, BenchmarkSettings
+from anomalib_apc.benchmark.settings import APC, BenchmarkSettings, variant_row
+from anomalib_apc.benchmark.variants import Variant, select_variants
 from anomalib_apc.data import SupervisedMVTecAD
 from anomalib_apc.errors import InterruptedRunError, InvalidInputError, OutputExistsError
 from anomalib_apc.models import AnomalousPatchCore
+from anomalib_apc.models.apc.init_weights import PretrainedWeightsUnavailableError, create_encoder_backbone
 from anomalib_apc.models.apc.normal_images import normal_training_dataloader
 
 logger = logging.getLogger(__name__)
@@ -69,22 +79,56 @@ def run_benchmark(
         InvalidInputError: A setting that cannot be used.
     """
     settings = settings.resolved()
+    settings = replace(settings, baselines=tuple(dict.fromkeys(baseline_row(name) for name in settings.baselines)))
+    variants = select_variants(settings.variants)
+    check_variant_arguments(variants)
     refuse_existing_output(settings)
     categories = resolve_categories(settings)
     initialisation = resolve_initialisation(settings)
-    if initialisation.notice:
-        logger.warning(initialisation.notice)
+    notices = [initialisation.notice] if initialisation.notice else []
+    variants, skipped = split_off_unavailable_variants(settings, initialisation, variants)
+    notices += skipped
+    settings = replace(settings, variants=tuple(variant.name for variant in variants))
+    for notice in notices:
+        logger.warning(notice)
+    build_models(settings, initialisation, settings.seeds[0], variants)  # every model can be built, before training
     clear_earlier_results(settings)
-    result = BenchmarkResult(settings, initialisation, describe_device(settings.device))
+    result = BenchmarkResult(settings, initialisation, describe_device(settings.device), notices=skipped)
     jobs = [(data, seed) for data in categories for seed in settings.seeds]
     progress = tqdm(jobs, desc="Benchmark", unit="split")
     for data, seed in progress:
         progress.set_postfix_str(f"{data.category}, seed {seed}")
-        split = run_split(settings, initialisation, data, seed)
+        split = run_split(settings, initialisation, data, seed, variants)
         result.splits.append(split)
         if on_split_done is not None:
             on_split_done(result)
     return result
+
+
+def split_off_unavailable_variants(
+    settings: BenchmarkSettings,
+    initialisation: Initialisation,
+    variants: list[Variant],
+) -> tuple[list[Variant], list[str]]:
+    """The variants that can run, and one notice per variant left out because its pretrained weights cannot be had.
+
+    Only ``imagenet-init``-like variants (``pre_trained`` without a checkpoint) ask the hub, once; when APC
+    itself starts from the hub's weights, they are there.
+    """
+    wanting = [variant for variant in variants if variant.needs_pretrained_weights]
+    if not wanting or initialisation.pre_trained:
+        return variants, []
+    try:
+        create_encoder_backbone(settings.backbone, pre_trained=True)
+    except PretrainedWeightsUnavailableError as error:
+        logger.info("Pretrained weights unavailable: %s", error)
+        notices = [
+            f"Row {variant_row(variant.name)} skipped: timm's pretrained weights for {settings.backbone!r} cannot be "
+            "had here (no model hub, not in the local cache)."
+            for variant in wanting
+        ]
+        return [variant for variant in variants if variant not in wanting], notices
+    return variants, []
 
 
 def refuse_existing_output(settings: BenchmarkSettings) -> None:
@@ -134,19 +178,22 @@ def run_split(
     initialisation: Initialisation,
     data: CategoryData,
     seed: int,
+    variants: Sequence[Variant] = (),
     num_example_images: int = 4,
 ) -> SplitRun:
     """Train and test every model on one category with one seed.
 
-    A model that fails is recorded with its error and the others still run. The models' test sets
-    are compared at the end; a difference marks every run of the split as failed.
+    Each APC row gets its own datamodule, built with the same split arguments and its variant's
+    overrides; the baselines share one. A model that fails is recorded with its error and the others
+    still run. The models' test sets are compared at the end; a difference marks every run of the
+    split as failed.
     """
     split_dir = settings.output / RUNS_DIR / _slug(data.category) / f"seed{seed}"
     seed_everything(seed, workers=True)
-    models = build_models(settings, initialisation, seed)
+    models = build_models(settings, initialisation, seed, variants)
     warm_up(models[APC], settings)
-    apc_datamodule = make_datamodule(settings, data, seed)
-    baseline_datamodule = make_datamodule(settings, data, seed)
+    datamodules = make_datamodules(settings, data, seed, variants)
+    apc_datamodule, baseline_datamodule = datamodules[APC], datamodules[BASELINES]
     runs: list[ModelRun] = []
     meters: dict[str, RunMeter] = {}
     for name, model in models.items():
@@ -155,7 +202,7 @@ def run_split(
         try:
             seed_everything(seed, workers=True)
             engine = _engine(settings, split_dir / _slug(name), meter)
-            metrics = _fit_and_test(model, engine, apc_datamodule, baseline_datamodule)
+            metrics = _fit_and_test(model, engine, datamodules.get(name, baseline_datamodule))
             _fill_run(run, model, metrics, meter)
             meters[name] = meter
         except InterruptedRunError:
@@ -166,7 +213,8 @@ def run_split(
         runs.append(run)
 
     finished = [run for run in runs if run.ok]
-    mismatch = describe_split_mismatch(finished, apc_datamodule, baseline_datamodule)
+    others = [module for row, module in datamodules.items() if row != APC]
+    mismatch = describe_split_mismatch(finished, apc_datamodule, *others)
     if mismatch:
         for run in finished:
             run.error = f"Split mismatch: {mismatch}"
@@ -178,24 +226,36 @@ def run_split(
     return SplitRun(data.category, seed, runs)
 
 
-def _fit_and_test(
-    model: AnomalibModule,
-    engine: Engine,
-    apc_datamodule: SupervisedMVTecAD,
-    baseline_datamodule: SupervisedMVTecAD,
-) -> dict[str, float]:
+BASELINES = "baselines"
+"""Key of the datamodule the baselines share in :func:`make_datamodules`."""
+
+
+def make_datamodules(
+    settings: BenchmarkSettings, data: CategoryData, seed: int, variants: Sequence[Variant] = ()
+) -> dict[str, SupervisedMVTecAD]:
+    """One datamodule for APC, one per variant (its ``data.init_args`` applied) and one the baselines share.
+
+    All are built with the same split arguments and seed, so they move the same anomalies to training.
+    """
+    datamodules = {APC: make_datamodule(settings, data, seed), BASELINES: make_datamodule(settings, data, seed)}
+    for variant in variants:
+        datamodules[variant_row(variant.name)] = make_datamodule(settings, data, seed, **variant.data_arguments)
+    return datamodules
+
+
+def _fit_and_test(model: AnomalibModule, engine: Engine, datamodule: SupervisedMVTecAD) -> dict[str, float]:
     """Train one model on its view of the split and return the evaluator's test metrics.
 
-    APC trains on the whole supervised datamodule (its memory bank reads the normal images itself);
-    Patchcore's single training pass reads the real normal training images only. Both test on the
-    test split.
+    APC (and each variant) trains on the whole supervised datamodule (its memory bank reads the normal
+    images itself); a baseline trains one-class, on the real normal training images only. All test
+    on the test split.
     """
     if isinstance(model, AnomalousPatchCore):
-        engine.fit(model, datamodule=apc_datamodule)
-        return engine.test(model, datamodule=apc_datamodule, verbose=False)[0]
-    baseline_datamodule.setup()
-    engine.fit(model, train_dataloaders=normal_training_dataloader(baseline_datamodule))
-    return engine.test(model, dataloaders=baseline_datamodule.test_dataloader(), verbose=False)[0]
+        engine.fit(model, datamodule=datamodule)
+        return engine.test(model, datamodule=datamodule, verbose=False)[0]
+    datamodule.setup()
+    engine.fit(model, train_dataloaders=normal_training_dataloader(datamodule))
+    return engine.test(model, dataloaders=datamodule.test_dataloader(), verbose=False)[0]
 
 
 def _engine(settings: BenchmarkSettings, root_dir: Path, meter: RunMeter) -> Engine:
@@ -210,6 +270,7 @@ def _engine(settings: BenchmarkSettings, root_dir: Path, meter: RunMeter) -> Eng
         logger=False,
         callbacks=[meter, ModelCheckpoint(save_top_k=0), TQDMProgressBar()],
         accelerator=settings.device,
+        max_epochs=settings.finetune_epochs,  # for a trained baseline; memory-bank models and APC set their own
         limit_val_batches=0,
         enable_model_summary=False,
     )
@@ -228,16 +289,29 @@ def _fill_run(run: ModelRun, model: AnomalibModule, metrics: dict[str, float], m
     run.num_test_images = meter.num_test_images
     run.num_test_anomalous = sum(meter.labels_by_path().values())
     run.inference_ms_per_image = 1000 * meter.inference_s / max(meter.num_test_images, 1)
-    run.memory_bank_rows, run.memory_bank_dim = (int(size) for size in model.model.memory_bank.shape)
+    run.memory_bank_rows, run.memory_bank_dim = _memory_bank_shape(model)
     run.test_image_paths = list(meter.image_paths)
+
+
+def _memory_bank_shape(model: AnomalibModule) -> tuple[int, int]:
+    """Rows and width of a model's memory bank (a tensor, or an object holding one as ``bank``); (0, 0) without."""
+    bank = getattr(model.model, "memory_bank", None)
+    bank = getattr(bank, "bank", bank)
+    if not isinstance(bank, torch.Tensor) or bank.ndim != 2:
+        return 0, 0
+    return int(bank.shape[0]), int(bank.shape[1])
 
 
 def describe_split_mismatch(
     runs: Sequence[ModelRun],
     apc_datamodule: SupervisedMVTecAD,
-    baseline_datamodule: SupervisedMVTecAD,
+    *other_datamodules: SupervisedMVTecAD,
 ) -> str | None:
-    """Describe how the models' data differ, or ``None`` when they saw the same split."""
+    """Describe how the models' data differ, or ``None`` when they saw the same split.
+
+    The test images each run was scored on must be identical; every other datamodule (the baselines',
+    each variant's) must have moved the same anomalies to training and hold the same normal images as APC's.
+    """
     tested = {run.model: run.test_image_paths for run in runs}
     reference_model, reference_paths = next(iter(tested.items()), (None, []))
     for model, paths in tested.items():
@@ -250,7 +324,11 @@ def describe_split_mismatch(
             )
     if APC not in tested or len(tested) < 2:
         return None  # nothing to compare: the datamodule of a failed run may not have set up
-    return describe_datamodule_mismatch(apc_datamodule, baseline_datamodule)
+    for other in other_datamodules:
+        mismatch = describe_datamodule_mismatch(apc_datamodule, other)
+        if mismatch:
+            return mismatch
+    return None
 
 
 def select_example_images(labels_by_path: dict[str, int], count: int) -> list[str]:

@@ -8,6 +8,7 @@ Imports nothing heavy, so that building the parser (``anomalib-apc --help``) sta
 """
 
 import logging
+import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -63,7 +64,7 @@ class CliOption:
     argparse: dict[str, Any] = field(default_factory=dict)
 
 
-DATA, MODELS, RUN = "data", "models (identical for Patchcore and APC)", "run"
+DATA, MODELS, RUN = "data", "models (identical for every row)", "run"
 
 
 def cli(help: str, group: str, **keywords: Any) -> dict[str, CliOption]:
@@ -131,8 +132,16 @@ class BenchmarkSettings:
     layers: tuple[str, ...] = field(
         default=("layer2", "layer3"), metadata=cli("memory-bank stages", MODELS, nargs="+", metavar="LAYER")
     )
-    image_size: int | None = field(
-        default=None, metadata=cli("square input size in pixels", MODELS, default_text="by dataset", type=int)
+    image_size: int | tuple[int, ...] | None = field(
+        default=None,
+        metadata=cli(
+            "input size in pixels: one value (square) or height and width",
+            MODELS,
+            default_text="by dataset",
+            type=int,
+            nargs="+",
+            metavar=("SIZE", "WIDTH"),
+        ),
     )
     finetune_epochs: int | None = field(
         default=None, metadata=cli("APC's fine-tuning epochs", MODELS, default_text="by dataset", type=int)
@@ -158,6 +167,41 @@ class BenchmarkSettings:
             exclusive="weights",
             type=Path,
             metavar="PATH",
+        ),
+    )
+    init_weights_key_map: tuple[str, ...] = field(
+        default=(),
+        metadata=cli(
+            "REGEX=REPLACEMENT applied (in order, re.sub) to the key names of --init-weights, for checkpoints from "
+            "other codebases (names as read, without a leading 'module.'; e.g. '^basenet\\.slice[1-4]\\.=features.' "
+            "for CRAFT's VGG16-BN trunk); repeatable. APC's encoder loads through it, the baselines copy APC's weights",
+            MODELS,
+            default_text="none",
+            action="append",
+            metavar="REGEX=REPLACEMENT",
+        ),
+    )
+    baselines: tuple[str, ...] = field(
+        default=(PATCHCORE,),
+        metadata=cli(
+            "anomalib models trained one-class on the same split (normal training images only), each a row: a class "
+            "name of anomalib.models (Patchcore, MHPatchcore, Padim, ...), given the same backbone, layers, image "
+            "size and initial weights where its constructor takes them, and the same coreset seed",
+            MODELS,
+            nargs="+",
+            metavar="MODEL",
+        ),
+    )
+    variants: tuple[str, ...] = field(
+        default=(),
+        metadata=cli(
+            "APC configurations from configs/ablations/ (file stem, '_' as '-': bn-only, tasks-cls, tasks-cls-seg, "
+            "tasks-none, unet4, no-cutpaste, imagenet-init), each a row 'APC <name>' on the same split, weights "
+            "and seeds as APC",
+            MODELS,
+            default_text="none",
+            nargs="+",
+            metavar="NAME",
         ),
     )
     coreset_sampling_ratio: float = field(
@@ -223,24 +267,85 @@ class BenchmarkSettings:
         if not self.seeds:
             msg = "Give at least one seed (--seeds)."
             raise InvalidInputError(msg)
+        if not self.baselines:
+            msg = "Give at least one baseline (--baselines), e.g. Patchcore."
+            raise InvalidInputError(msg)
+        parse_key_map(self.init_weights_key_map)
+        if self.init_weights_key_map and self.init_weights is None:
+            msg = "--init-weights-key-map renames the keys of --init-weights: give --init-weights PATH too."
+            raise InvalidInputError(msg)
         profile = QUICK_PROFILE if dataset == "demo" else PAPER_PROFILE
         return replace(
             self,
             dataset=dataset,
             backbone=self.backbone or profile.backbone,
-            image_size=self.image_size or profile.image_size,
+            image_size=_image_size(self.image_size) or profile.image_size,
             finetune_epochs=profile.finetune_epochs if self.finetune_epochs is None else self.finetune_epochs,
             categories=tuple(self.categories or (_mvtec_categories() if dataset == "mvtecad" else ())),
         )
 
     @property
     def model_names(self) -> tuple[str, ...]:
-        """The rows each category gets, in table order."""
-        return (PATCHCORE, PATCHCORE_FAST_CORESET, APC) if self.patchcore_fast_coreset else (PATCHCORE, APC)
+        """The rows each category gets, in table order: the baselines, APC, its variants."""
+        fast = (PATCHCORE_FAST_CORESET,) if self.patchcore_fast_coreset else ()
+        variants = (variant_row(name) for name in dict.fromkeys(self.variants))
+        return (*dict.fromkeys(self.baselines), *fast, APC, *variants)
+
+    @property
+    def image_shape(self) -> tuple[int, int]:
+        """Height and width of the resolved settings' ``image_size``."""
+        size = _image_size(self.image_size)
+        return (size, size) if isinstance(size, int) else size
+
+    @property
+    def key_map(self) -> dict[str, str]:
+        """``init_weights_key_map`` as the regex -> replacement mapping the models take."""
+        return parse_key_map(self.init_weights_key_map)
 
     def as_record(self) -> dict[str, Any]:
         """JSON-friendly copy (paths as strings)."""
         return {key: str(value) if isinstance(value, Path) else value for key, value in asdict(self).items()}
+
+
+def variant_row(name: str) -> str:
+    """The row of APC variant ``name`` (``bn-only`` -> ``APC bn-only``)."""
+    return f"{APC} {name}"
+
+
+def parse_key_map(pairs: tuple[str, ...]) -> dict[str, str]:
+    """``("REGEX=REPLACEMENT", ...)`` as an ordered mapping; the first ``=`` separates the two.
+
+    Raises:
+        InvalidInputError: A pair without ``=``, with an empty expression, or one that is no regular expression.
+    """
+    key_map = {}
+    for pair in pairs:
+        pattern, separator, replacement = pair.partition("=")
+        if not separator or not pattern:
+            msg = f"--init-weights-key-map {pair!r}: expected REGEX=REPLACEMENT, e.g. '^module\\.basenet\\.=' ."
+            raise InvalidInputError(msg)
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            msg = f"--init-weights-key-map {pair!r}: {pattern!r} is not a regular expression ({error})."
+            raise InvalidInputError(msg) from error
+        key_map[pattern] = replacement
+    return key_map
+
+
+def _image_size(size: int | tuple[int, ...] | None) -> int | tuple[int, int] | None:
+    """``image_size`` as an int (square) or a (height, width) pair; ``None`` stays ``None``.
+
+    Raises:
+        InvalidInputError: More than two values, or a size that is not positive.
+    """
+    if size is None:
+        return None
+    values = (size,) if isinstance(size, int) else tuple(size)
+    if not 1 <= len(values) <= 2 or any(value <= 0 for value in values):
+        msg = f"--image-size takes one positive size (square) or a height and a width, got {list(values)}."
+        raise InvalidInputError(msg)
+    return values[0] if len(values) == 1 or values[0] == values[1] else (values[0], values[1])
 
 
 def _mvtec_categories() -> tuple[str, ...]:
