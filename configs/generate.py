@@ -148,7 +148,7 @@ ABLATIONS: dict[str, tuple[str, dict[str, Any]]] = {
         {"model": {"init_args": {"finetune_scope": "batchnorm_statistics"}}},
     ),
     "no_cutpaste": (
-        "No CutPaste: the real training anomalies only (ablation row 'without CutPaste').",
+        "No CutPaste: the real training anomalies with basic augmentations only (ablation row 'without CutPaste').",
         {"data": {"init_args": {"cutpaste_probability": 0.0}}},
     ),
     **{
