@@ -176,15 +176,6 @@ class AnomalousPatchCore(MemoryBankMixin, AnomalibModule):
         """Whether phase 1 trains anything (some task enabled and at least one epoch)."""
         return bool(self.model.tasks) and self.finetune_epochs > 0
 
-    @property
-    def automatic_optimization(self) -> bool:
-        """Lightning's automatic optimisation only while fine-tuning.
-
-        Without fine-tuning the one training pass (which ends in phase 2) has nothing to optimise, and
-        under DDP Lightning refuses an automatically optimised ``training_step`` that returns ``None``.
-        """
-        return self.fine_tunes
-
     @classmethod
     def configure_pre_processor(
         cls,
@@ -257,7 +248,7 @@ class AnomalousPatchCore(MemoryBankMixin, AnomalibModule):
         """One fine-tuning step on a batch of normal and anomalous images; logs every loss term."""
         del args, kwargs
         if not self.fine_tunes:
-            return None
+            return self._nothing_to_learn()
         labels = batch.gt_label
         if labels is None:
             msg = "AnomalousPatchCore needs image labels (gt_label) in training batches; use a supervised datamodule."
@@ -272,6 +263,17 @@ class AnomalousPatchCore(MemoryBankMixin, AnomalibModule):
             self.log(f"train_loss_{name}" if name != "total" else "train_loss", value, on_epoch=True, on_step=False,
                      prog_bar=name == "total", batch_size=batch_size)
         return {"loss": losses["total"]}
+
+    def _nothing_to_learn(self) -> STEP_OUTPUT | None:
+        """The step output of the pass without fine-tuning: nothing, or under DDP a constant loss.
+
+        Lightning refuses a ``None`` step output under DDP; a constant with no path to any parameter
+        (anomalib's PatchCore returns one too) lets the pass run and the step be counted, so the
+        checkpoint is written, without any gradient or all-reduce.
+        """
+        if self.trainer.world_size == 1:
+            return None
+        return {"loss": torch.zeros((), device=self.device, requires_grad=True)}
 
     def finetune_losses(
         self, images: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor | None
