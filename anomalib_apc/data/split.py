@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader
 from anomalib_apc.data.basic_augmentation import BasicAugmentation
 from anomalib_apc.data.cutpaste import CutPaste
 from anomalib_apc.data.image_dataset import ImageFileDataset
-from anomalib_apc.data.sampler import TrainDrawSampler
+from anomalib_apc.data.sampler import ContiguousShardSampler, TrainDrawSampler
 from anomalib_apc.data.train_dataset import SupervisedTrainDataset, cutpaste_source_indices
 from anomalib_apc.data.validation import check_image_files
 from anomalib_apc.errors import InvalidInputError
@@ -181,7 +181,7 @@ class SupervisedSplitMixin:
         labels = self.train_data.samples.label_index.to_numpy(dtype=int).tolist()
         return DataLoader(
             dataset,
-            sampler=TrainDrawSampler(labels, balanced=self.balanced_sampling, seed=self.seed),
+            sampler=TrainDrawSampler(labels, balanced=self.balanced_sampling, seed=self.seed, **self._replicas()),
             batch_size=self.train_batch_size,
             num_workers=self.num_workers,
             collate_fn=self.external_collate_fn or self.train_data.collate_fn,
@@ -203,6 +203,35 @@ class SupervisedSplitMixin:
             num_workers=self.num_workers,
             collate_fn=self.external_collate_fn or normal_data.collate_fn,
         )
+
+    def val_dataloader(self) -> DataLoader:
+        """anomalib's validation batches; under DDP this rank's contiguous share (see :meth:`_share_of_ranks`)."""
+        return self._share_of_ranks(super().val_dataloader())  # type: ignore[misc]
+
+    def test_dataloader(self) -> DataLoader:
+        """anomalib's test batches; under DDP this rank's contiguous share (see :meth:`_share_of_ranks`)."""
+        return self._share_of_ranks(super().test_dataloader())  # type: ignore[misc]
+
+    def _replicas(self) -> dict[str, int]:
+        """``num_replicas`` and ``rank`` of the attached trainer's DDP processes (1 and 0 without a trainer)."""
+        trainer = self.trainer
+        if trainer is None:
+            return {"num_replicas": 1, "rank": 0}
+        return {"num_replicas": trainer.world_size, "rank": trainer.global_rank}
+
+    def _share_of_ranks(self, loader: DataLoader) -> DataLoader:
+        """Under DDP, ``loader`` reading only this rank's contiguous run of its batches.
+
+        Lightning would otherwise shard evaluation with a padded ``DistributedSampler``, which repeats
+        images to even the ranks out, and anomalib's metrics and thresholds, gathered across ranks,
+        would count them twice. With :class:`.sampler.ContiguousShardSampler` every image is scored once.
+        """
+        replicas = self._replicas()
+        if replicas["num_replicas"] == 1:
+            return loader
+        sampler = ContiguousShardSampler(len(loader.dataset), loader.batch_size, **replicas)
+        return DataLoader(loader.dataset, sampler=sampler, batch_size=loader.batch_size,
+                          num_workers=loader.num_workers, collate_fn=loader.collate_fn)
 
     @property
     def supervised_anomaly_paths(self) -> list[str]:

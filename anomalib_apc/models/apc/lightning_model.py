@@ -24,6 +24,7 @@ Example:
 
 import logging
 from collections.abc import Iterator, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -45,11 +46,12 @@ from anomalib_apc.errors import InvalidInputError, MissingInputError
 from anomalib_apc.sampling import seeded_global_rngs
 
 from .decoder import DecoderType
+from .distributed import broadcast_from_rank0, gather_rows, peak_memory_mib, shard_batches, world
 from .init_weights import PretrainedWeightsUnavailableError
 from .interruption import InterruptionGuard, stop_if_terminated
 from .loss import ApcLoss
 from .memory import concatenate_releasing
-from .normal_images import normal_training_images, training_anomaly_count
+from .normal_images import normal_images_of, normal_training_dataloader, training_anomaly_count
 from .precision import FineTunePrecision, finetune_autocast, full_precision, resolve_finetune_precision
 from .torch_model import TASKS, AnomalousPatchCoreModel
 
@@ -262,7 +264,7 @@ class AnomalousPatchCore(MemoryBankMixin, AnomalibModule):
         """One fine-tuning step on a batch of normal and anomalous images; logs every loss term."""
         del args, kwargs
         if not self.fine_tunes:
-            return None
+            return self._nothing_to_learn()
         labels = batch.gt_label
         if labels is None:
             msg = "AnomalousPatchCore needs image labels (gt_label) in training batches; use a supervised datamodule."
@@ -271,7 +273,7 @@ class AnomalousPatchCore(MemoryBankMixin, AnomalibModule):
         self._anomalous_samples_seen += int(anomalous.sum())
         if self.finetune_scope == "batchnorm_statistics":
             self._adapt_batchnorm_statistics(batch.image)
-            return None
+            return self._nothing_to_learn()
         if "segmentation" in self.model.tasks:
             self._check_masks(batch, anomalous)
         losses = self.finetune_losses(batch.image, labels, batch.gt_mask)
@@ -292,6 +294,17 @@ class AnomalousPatchCore(MemoryBankMixin, AnomalibModule):
             images = images.contiguous(memory_format=torch.channels_last)
         with finetune_autocast(self._finetune_precision_in_use, images.device):
             self.model.feature_extractor.forward_all_stages(images)
+
+    def _nothing_to_learn(self) -> STEP_OUTPUT | None:
+        """The step output of a step that updates no weight: nothing, or under DDP a constant loss.
+
+        Lightning refuses a ``None`` step output under DDP; a constant with no path to any parameter
+        (anomalib's PatchCore returns one too) lets the pass run and the step be counted, so the
+        checkpoint is written, without any gradient or all-reduce.
+        """
+        if world()[1] == 1:
+            return None
+        return {"loss": torch.zeros((), device=self.device, requires_grad=True)}
 
     def finetune_losses(
         self, images: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor | None
@@ -337,7 +350,10 @@ class AnomalousPatchCore(MemoryBankMixin, AnomalibModule):
     def fit(self) -> None:
         """Phase 2: embed the normal training images with the fine-tuned encoder and subsample a coreset.
 
-        A SIGTERM stops it between batches and before the coreset (see :mod:`.interruption`).
+        Under DDP each rank embeds its contiguous share of the normal images, rank 0 gathers the patches
+        in the single-process order, selects the coreset once and broadcasts it (see :mod:`.distributed`),
+        so every rank holds the memory bank one process would build. A SIGTERM stops it between batches
+        and before the coreset (see :mod:`.interruption`).
         """
         self._activity = "phase 2 (building the memory bank from the normal training images)"
         was_training = self.model.training
@@ -352,19 +368,35 @@ class AnomalousPatchCore(MemoryBankMixin, AnomalibModule):
                 images = images.to(self.device)
                 embeddings.append(self.model.patch_embeddings(transform(images) if transform else images))
                 stop_if_terminated(self.trainer, self._activity)
-            memory = concatenate_releasing(embeddings, device=self.device)
-            logger.info("Selecting a %.1f %% coreset of %d normal patches.", 100 * self.coreset_sampling_ratio,
-                        len(memory))
-            self.model.build_memory_bank(memory, self.coreset_sampling_ratio, seed=self.coreset_seed)
+            select = partial(self._select_coreset, gather_rows(concatenate_releasing(embeddings, device=self.device)))
+            self.model.memory_bank = broadcast_from_rank0(select, device=self.device, dtype=torch.float32)
+            del select  # the gathered patches, several GB at real sizes
+        rank, world_size = world()
+        if world_size > 1:
+            logger.info("Memory bank of %d rows on each of %d ranks; rank %d peak memory %.0f MiB.",
+                        len(self.model.memory_bank), world_size, rank, peak_memory_mib(self.device))
         stop_if_terminated(self.trainer, self._activity)
         self.model.train(was_training)
         self._activity = None
 
+    def _select_coreset(self, memory: torch.Tensor) -> torch.Tensor:
+        """The coreset of all normal patches (on rank 0 under DDP), as the model's memory bank."""
+        logger.info("Selecting a %.1f %% coreset of %d normal patches.", 100 * self.coreset_sampling_ratio, len(memory))
+        self.model.build_memory_bank(memory, self.coreset_sampling_ratio, seed=self.coreset_seed)
+        return self.model.memory_bank
+
     def _normal_training_images(self) -> Iterator[torch.Tensor]:
-        """Raw image batches of the real normal training images only (see :mod:`.normal_images`)."""
+        """Raw image batches of the real normal training images only (see :mod:`.normal_images`).
+
+        Under DDP, this rank's contiguous share of them (see :func:`.distributed.shard_batches`).
+        """
         datamodule = getattr(self.trainer, "datamodule", None)
         fallback = None if datamodule is not None else self.trainer.train_dataloader
-        return normal_training_images(datamodule, fallback=fallback)
+        loader = normal_training_dataloader(datamodule, fallback=fallback)
+        rank, world_size = world()
+        if world_size > 1:
+            loader = shard_batches(loader, rank, world_size)
+        return normal_images_of(loader)
 
     def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """PatchCore scores and anomaly maps for the batch, in float32 (see :mod:`.precision`)."""
@@ -383,14 +415,17 @@ class AnomalousPatchCore(MemoryBankMixin, AnomalibModule):
 
     @property
     def trainer_arguments(self) -> dict[str, Any]:
-        """``finetune_epochs`` epochs (one pass without fine-tuning), validated once, after the memory bank."""
+        """``finetune_epochs`` epochs (one pass without fine-tuning), validated once, after the memory bank.
+
+        Unlike anomalib's memory-bank models it does not pin ``devices: 1``: phase 2 builds one complete
+        memory bank across DDP ranks (see :mod:`.distributed`), so ``--trainer.devices N`` is the user's.
+        """
         epochs = max(self.finetune_epochs, 1) if self.fine_tunes else 1
         return {
             "max_epochs": epochs,
             "check_val_every_n_epoch": epochs,
             "num_sanity_val_steps": 0,
             "gradient_clip_val": 0,
-            "devices": 1,
         }
 
     @property
