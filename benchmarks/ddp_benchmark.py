@@ -21,6 +21,8 @@ from anomalib_apc.data import SupervisedMVTecAD
 from anomalib_apc.models import AnomalousPatchCore
 from anomalib_apc.models.apc.distributed import peak_memory_mib
 
+DEFAULT_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "mpdd"
+
 
 def fit_and_test(args: argparse.Namespace, epochs: int) -> tuple[dict, torch.Tensor]:
     """One fit and test; its phase times, metrics and memory bank."""
@@ -47,7 +49,7 @@ def fit_and_test(args: argparse.Namespace, epochs: int) -> tuple[dict, torch.Ten
 def main() -> None:
     """Run (or compare) and print."""
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--root", default="/work/shared/datasets/mpdd")
+    parser.add_argument("--root", type=Path, default=DEFAULT_ROOT)
     parser.add_argument("--category", default="metal_plate")
     parser.add_argument("--devices", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)

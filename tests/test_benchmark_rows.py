@@ -248,7 +248,7 @@ def test_variants_and_baselines_run_on_the_same_split(tiny_dataset, tmp_path: Pa
         dataset="mvtec-layout",
         root=tiny_dataset.category_dir,
         backbone="resnet18",
-        image_size=(64, 48),
+        image_size=(64, 64),
         finetune_epochs=1,
         pre_trained=False,
         train_batch_size=4,

@@ -1,6 +1,7 @@
 """Smoke tests of the scripts in benchmarks/: each runs at tiny sizes and checks what it asserts itself."""
 
 import importlib.util
+import json
 import re
 import subprocess
 import sys
@@ -73,3 +74,36 @@ def test_finetune_benchmark_compares_every_configuration_with_float32(tiny_datas
         assert ratio > 0 and loss == pytest.approx(rows["fp32"][1], rel=0.05)
     assert re.search(r"^\| fp32 \| [\d.]+ ± 0\.00", result.stdout, flags=re.MULTILINE), result.stdout
     assert re.search(r"^paired default \(.*\) - fp32, image_AUROC: [+-][\d.]+", result.stdout, flags=re.MULTILINE)
+
+
+def _run_script(name: str, *arguments: str) -> str:
+    result = subprocess.run([sys.executable, str(BENCHMARKS / f"{name}.py"), *arguments],
+                            capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_approximate_search_benchmark_finds_indexrefine_equal_to_re_ranking_by_hand() -> None:
+    output = _run_script("approximate_search_benchmark", "--rows", "1024", "--dim", "32", "--rank", "4",
+                         "--queries", "64", "--runs", "1")
+    for index_type in ("hnsw", "ivf"):
+        line = next(line for line in output.splitlines() if line.startswith(index_type))
+        assert "same ids 1.0000" in line and "bit-identical distances True" in line, output
+
+
+def test_predict_memory_benchmark_reports_both_reading_paths() -> None:
+    output = _run_script("predict_memory", "--images", "2", "--size", "700", "--image-size", "64")
+    peaks = dict(re.findall(r"^ *([\w-]+): peak RSS (\d+) MB", output, flags=re.MULTILINE))
+    assert set(peaks) == {"bounded", "full-size"}, output
+    assert all(int(peak) > 0 for peak in peaks.values())
+
+
+def test_ddp_benchmark_runs_are_reproducible_and_compared(tiny_dataset, tmp_path: Path) -> None:
+    arguments = ["--root", str(tiny_dataset.root), "--category", tiny_dataset.category, "--devices", "1",
+                 "--epochs", "1", "--image-size", "32"]
+    for run in ("a", "b"):
+        result = json.loads(_run_script("ddp_benchmark", *arguments, "--out", str(tmp_path / run)).splitlines()[-1])
+        assert result["finetune_off"]["memory_bank_rows"] > 0
+        assert "image_AUROC" in result["finetune_on"]["metrics"]
+    output = _run_script("ddp_benchmark", "--compare", str(tmp_path / "a"), str(tmp_path / "b"))
+    assert json.loads(output.splitlines()[-1])["memory_banks_identical"] is True

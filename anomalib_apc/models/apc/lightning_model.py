@@ -23,7 +23,7 @@ Example:
 """
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -40,20 +40,19 @@ from anomalib.visualization import Visualizer
 from lightning.pytorch import Callback
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
-from tqdm import tqdm
 
-from anomalib_apc.errors import InvalidInputError, MissingInputError
-from anomalib_apc.sampling import seeded_global_rngs
+from anomalib_apc.errors import InvalidInputError
 
 from .decoder import DecoderType
-from .distributed import broadcast_from_rank0, gather_rows, peak_memory_mib, shard_batches, world
-from .init_weights import PretrainedWeightsUnavailableError
+from .distributed import world
 from .interruption import InterruptionGuard, stop_if_terminated
 from .loss import ApcLoss
-from .memory import concatenate_releasing
-from .normal_images import normal_images_of, normal_training_dataloader, training_anomaly_count
+from .memory_bank import build_memory_bank_on_all_ranks
+from .network import build_network
+from .normal_images import normal_training_dataloader, training_anomaly_count
 from .precision import FineTunePrecision, finetune_autocast, full_precision, resolve_finetune_precision
-from .torch_model import TASKS, AnomalousPatchCoreModel
+from .torch_model import TASKS
+from .training_checks import NO_ANOMALIES_MESSAGE, check_training_masks
 
 logger = logging.getLogger(__name__)
 
@@ -155,23 +154,10 @@ class AnomalousPatchCore(MemoryBankMixin, AnomalibModule):
             raise InvalidInputError(msg)
         network = {"backbone": backbone, "layers": layers, "decoder": decoder, "tasks": tasks,
                    "num_neighbors": num_neighbors}
-        self._initial_weights_error: PretrainedWeightsUnavailableError | MissingInputError | None = None
-        try:
-            with seeded_global_rngs(seed):
-                self.model: AnomalousPatchCoreModel = AnomalousPatchCoreModel(
-                    pre_trained=pre_trained, init_weights=init_weights, init_weights_key_map=init_weights_key_map,
-                    **network,
-                )
-        except (PretrainedWeightsUnavailableError, MissingInputError) as error:
-            # A checkpoint (anomalib test/export --ckpt_path, load_from_checkpoint) replaces the initial
-            # weights anyway, so their absence only matters for training: on_fit_start raises it then.
-            with seeded_global_rngs(seed):
-                self.model = AnomalousPatchCoreModel(pre_trained=False, init_weights=None, **network)
-            self._initial_weights_error = error
-            logger.warning(
-                "%s The encoder starts from random weights for now: loading a checkpoint works, training "
-                "will stop with this error.", error,
-            )
+        self.model, self._initial_weights_error = build_network(
+            seed, pre_trained=pre_trained, init_weights=init_weights, init_weights_key_map=init_weights_key_map,
+            **network,
+        )
         self.loss = ApcLoss(dict(zip(TASKS, loss_weights, strict=True)))
         self.finetune_epochs = finetune_epochs
         self.finetune_scope = finetune_scope
@@ -241,15 +227,7 @@ class AnomalousPatchCore(MemoryBankMixin, AnomalibModule):
         logger.info("Fine-tuning in precision %s%s.", self._finetune_precision_in_use,
                     ", channels-last" if self.channels_last else "")
         if training_anomaly_count(getattr(self.trainer, "datamodule", None)) == 0:
-            raise InvalidInputError(self._no_anomalies_message())
-
-    @staticmethod
-    def _no_anomalies_message() -> str:
-        return (
-            "AnomalousPatchCore fine-tunes on normal AND anomalous images, but the training set has no "
-            "anomalous sample. Use SupervisedMVTecAD / SupervisedFolder with num_anomalies > 0 "
-            "(`--data SupervisedMVTecAD --data.num_anomalies 10`), or set finetune_epochs=0 for plain PatchCore."
-        )
+            raise InvalidInputError(NO_ANOMALIES_MESSAGE)
 
     def on_train_epoch_start(self) -> None:
         """Fine-tuning changes the encoder, so any memory bank built before is stale."""
@@ -275,7 +253,7 @@ class AnomalousPatchCore(MemoryBankMixin, AnomalibModule):
             self._adapt_batchnorm_statistics(batch.image)
             return self._nothing_to_learn()
         if "segmentation" in self.model.tasks:
-            self._check_masks(batch, anomalous)
+            check_training_masks(batch, anomalous)
         losses = self.finetune_losses(batch.image, labels, batch.gt_mask)
         batch_size = batch.image.shape[0]
         for name, value in losses.items():
@@ -322,81 +300,35 @@ class AnomalousPatchCore(MemoryBankMixin, AnomalibModule):
         with full_precision(images.device):
             return self.loss(outputs, images=images.float(), labels=labels, masks=masks)
 
-    @staticmethod
-    def _check_masks(batch: Batch, anomalous: torch.Tensor) -> None:
-        if batch.gt_mask is None and bool(anomalous.any()):
-            msg = (
-                "The segmentation task is on, but the training batch has anomalous images without masks "
-                f"({_paths(batch, anomalous)}). Provide defect masks (e.g. `mask_dir` for SupervisedFolder) or "
-                "drop 'segmentation' from `tasks`."
-            )
-            raise InvalidInputError(msg)
-        if batch.gt_mask is not None and bool(anomalous.any()):
-            empty = anomalous & (batch.gt_mask.reshape(anomalous.shape[0], -1).amax(dim=1) == 0)
-            if bool(empty.any()):
-                logger.warning(
-                    "Anomalous training images with an empty defect mask (missing mask, or a defect too small "
-                    "for the model's image size): %s. The segmentation loss treats them as defect-free.",
-                    _paths(batch, empty),
-                )
-
     def on_train_epoch_end(self) -> None:
         """Check that anomalies were seen; after the last epoch build the memory bank (phase 2)."""
         if self.fine_tunes and self._anomalous_samples_seen == 0:
-            raise InvalidInputError(self._no_anomalies_message())
+            raise InvalidInputError(NO_ANOMALIES_MESSAGE)
         if self.current_epoch + 1 >= self.trainer.max_epochs:
             super().on_train_epoch_end()
 
     def fit(self) -> None:
-        """Phase 2: embed the normal training images with the fine-tuned encoder and subsample a coreset.
+        """Phase 2: the memory bank from the normal training images and the fine-tuned encoder.
 
-        Under DDP each rank embeds its contiguous share of the normal images, rank 0 gathers the patches
-        in the single-process order, selects the coreset once and broadcasts it (see :mod:`.distributed`),
-        so every rank holds the memory bank one process would build. A SIGTERM stops it between batches
-        and before the coreset (see :mod:`.interruption`).
+        See :mod:`.memory_bank` (one device or several); a SIGTERM stops it between batches and
+        before the coreset (see :mod:`.interruption`).
         """
         self._activity = "phase 2 (building the memory bank from the normal training images)"
         was_training = self.model.training
-        # Phase 2 and inference run in float32 and the standard layout: the memory bank, the coreset and
-        # the scores are then those of a model loaded from the checkpoint in a fresh process.
-        self.model.to(memory_format=torch.contiguous_format)
         self.model.eval()
-        transform = getattr(self.pre_processor, "transform", None)
-        embeddings = []
-        with full_precision(self.device):
-            for images in tqdm(self._normal_training_images(), desc="Embedding normal training images", unit="batch"):
-                images = images.to(self.device)
-                embeddings.append(self.model.patch_embeddings(transform(images) if transform else images))
-                stop_if_terminated(self.trainer, self._activity)
-            select = partial(self._select_coreset, gather_rows(concatenate_releasing(embeddings, device=self.device)))
-            self.model.memory_bank = broadcast_from_rank0(select, device=self.device, dtype=torch.float32)
-            del select  # the gathered patches, several GB at real sizes
-        rank, world_size = world()
-        if world_size > 1:
-            logger.info("Memory bank of %d rows on each of %d ranks; rank %d peak memory %.0f MiB.",
-                        len(self.model.memory_bank), world_size, rank, peak_memory_mib(self.device))
-        stop_if_terminated(self.trainer, self._activity)
+        datamodule = getattr(self.trainer, "datamodule", None)
+        fallback = self.trainer.train_dataloader if datamodule is None else None
+        build_memory_bank_on_all_ranks(
+            self.model,
+            normal_training_dataloader(datamodule, fallback=fallback),
+            getattr(self.pre_processor, "transform", None),
+            self.coreset_sampling_ratio,
+            self.coreset_seed,
+            self.device,
+            between_batches=partial(stop_if_terminated, self.trainer, self._activity),
+        )
         self.model.train(was_training)
         self._activity = None
-
-    def _select_coreset(self, memory: torch.Tensor) -> torch.Tensor:
-        """The coreset of all normal patches (on rank 0 under DDP), as the model's memory bank."""
-        logger.info("Selecting a %.1f %% coreset of %d normal patches.", 100 * self.coreset_sampling_ratio, len(memory))
-        self.model.build_memory_bank(memory, self.coreset_sampling_ratio, seed=self.coreset_seed)
-        return self.model.memory_bank
-
-    def _normal_training_images(self) -> Iterator[torch.Tensor]:
-        """Raw image batches of the real normal training images only (see :mod:`.normal_images`).
-
-        Under DDP, this rank's contiguous share of them (see :func:`.distributed.shard_batches`).
-        """
-        datamodule = getattr(self.trainer, "datamodule", None)
-        fallback = None if datamodule is not None else self.trainer.train_dataloader
-        loader = normal_training_dataloader(datamodule, fallback=fallback)
-        rank, world_size = world()
-        if world_size > 1:
-            loader = shard_batches(loader, rank, world_size)
-        return normal_images_of(loader)
 
     def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """PatchCore scores and anomaly maps for the batch, in float32 (see :mod:`.precision`)."""
@@ -432,9 +364,4 @@ class AnomalousPatchCore(MemoryBankMixin, AnomalibModule):
     def learning_type(self) -> LearningType:
         """Anomalib's one-class evaluation protocol: thresholds and metrics come from the test split."""
         return LearningType.ONE_CLASS
-
-
-def _paths(batch: Batch, selection: torch.Tensor) -> list[str]:
-    paths = batch.image_path or []
-    return [path for path, selected in zip(paths, selection.tolist(), strict=False) if selected]
 
