@@ -26,7 +26,7 @@ import logging
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from anomalib import LearningType
@@ -43,6 +43,7 @@ from torch import nn
 
 from anomalib_apc.errors import InvalidInputError
 
+from .arguments import FineTuneScope, check_training_arguments
 from .decoder import DecoderType
 from .distributed import world
 from .interruption import InterruptionGuard, stop_if_terminated
@@ -55,10 +56,6 @@ from .torch_model import TASKS
 from .training_checks import NO_ANOMALIES_MESSAGE, check_training_masks
 
 logger = logging.getLogger(__name__)
-
-FineTuneScope = Literal["all", "batchnorm_statistics"]
-FINETUNE_SCOPES: tuple[str, ...] = ("all", "batchnorm_statistics")
-
 
 class AnomalousPatchCore(MemoryBankMixin, AnomalibModule):
     """AnomalousPatchCore (APC) Lightning module.
@@ -92,6 +89,14 @@ class AnomalousPatchCore(MemoryBankMixin, AnomalibModule):
             at most the memory bank's rows (checked when phase 2 has built it, before validation).
         coreset_seed: Seed of the coreset selection, so that the same features give the same memory
             bank whatever happened to the global random state; ``None`` uses the global state.
+        reestimate_batchnorm: Before phase 2, re-estimate the encoder's batch-norm running statistics on
+            the real normal training images (one pass, no weight changes), so that the memory bank and
+            the test see the normalisation of normal images rather than that of the fine-tuning
+            batches, half of them anomalous (see :mod:`.batchnorm`). ``False`` is the paper.
+        segmentation_fusion: Exponent ``w`` of the trained segmentation head's defect probability ``p``
+            in the anomaly map, which becomes PatchCore's map times ``p ** w`` (the image score stays the
+            memory bank's). 0 keeps PatchCore's map, as the paper; needs the segmentation task and
+            fine-tuning.
         seed: Seed of the network's initial weights (the random encoder of ``pre_trained=False``, the
             decoder and the heads), so that a run is reproducible whatever the global random state:
             anomalib 2.7's CLI parses ``seed_everything`` but never applies it. ``None`` draws them from
@@ -126,6 +131,8 @@ class AnomalousPatchCore(MemoryBankMixin, AnomalibModule):
         coreset_sampling_ratio: float = 0.1,
         num_neighbors: int = 9,
         coreset_seed: int | None = 0,
+        reestimate_batchnorm: bool = False,
+        segmentation_fusion: float = 0.0,
         seed: int | None = 0,
         finetune_precision: FineTunePrecision = "auto",
         channels_last: bool = True,
@@ -140,20 +147,10 @@ class AnomalousPatchCore(MemoryBankMixin, AnomalibModule):
             evaluator=evaluator,
             visualizer=visualizer,
         )
-        if len(loss_weights) != len(TASKS) or any(weight < 0 for weight in loss_weights):
-            msg = f"loss_weights must be {len(TASKS)} non-negative numbers for {list(TASKS)}, got {list(loss_weights)}."
-            raise InvalidInputError(msg)
-        if finetune_epochs < 0:
-            msg = f"finetune_epochs must be >= 0, got {finetune_epochs}."
-            raise InvalidInputError(msg)
-        if finetune_scope not in FINETUNE_SCOPES:
-            msg = f"finetune_scope must be one of {list(FINETUNE_SCOPES)}, got {finetune_scope!r}."
-            raise InvalidInputError(msg)
-        if not 0 < coreset_sampling_ratio <= 1:
-            msg = f"coreset_sampling_ratio must be in (0, 1], got {coreset_sampling_ratio}."
-            raise InvalidInputError(msg)
+        check_training_arguments(loss_weights, finetune_epochs, finetune_scope, coreset_sampling_ratio,
+                                 segmentation_fusion)
         network = {"backbone": backbone, "layers": layers, "decoder": decoder, "tasks": tasks,
-                   "num_neighbors": num_neighbors}
+                   "num_neighbors": num_neighbors, "segmentation_fusion": segmentation_fusion}
         self.model, self._initial_weights_error = build_network(
             seed, pre_trained=pre_trained, init_weights=init_weights, init_weights_key_map=init_weights_key_map,
             **network,
@@ -165,6 +162,7 @@ class AnomalousPatchCore(MemoryBankMixin, AnomalibModule):
         self.weight_decay = weight_decay
         self.coreset_sampling_ratio = coreset_sampling_ratio
         self.coreset_seed = coreset_seed
+        self.reestimate_batchnorm = reestimate_batchnorm
         resolve_finetune_precision(finetune_precision, torch.device("cpu"))  # refuse an unknown name now
         self.finetune_precision = finetune_precision
         self.channels_last = channels_last
@@ -326,6 +324,7 @@ class AnomalousPatchCore(MemoryBankMixin, AnomalibModule):
             self.coreset_seed,
             self.device,
             between_batches=partial(stop_if_terminated, self.trainer, self._activity),
+            reestimate_batchnorm=self.reestimate_batchnorm,
         )
         self.model.train(was_training)
         self._activity = None

@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from .batchnorm import reestimate_batchnorm_statistics
 from .distributed import broadcast_from_rank0, gather_rows, peak_memory_mib, shard_batches, world
 from .memory import concatenate_releasing
 from .normal_images import normal_images_of
@@ -33,6 +34,7 @@ def build_memory_bank_on_all_ranks(
     seed: int | None,
     device: torch.device,
     between_batches: Callable[[], None],
+    reestimate_batchnorm: bool = False,
 ) -> None:
     """Embed ``normal_images`` (this rank's share) and fill ``model.memory_bank`` with the common coreset.
 
@@ -44,12 +46,17 @@ def build_memory_bank_on_all_ranks(
         seed: Seed of the coreset selection.
         device: Where the embedding runs.
         between_batches: Called after each batch and after the coreset (a SIGTERM check).
+        reestimate_batchnorm: First re-estimate the encoder's batch-norm statistics on all of
+            ``normal_images`` (see :mod:`.batchnorm`); every rank does the same pass.
     """
     rank, world_size = world()
     loader = shard_batches(normal_images, rank, world_size) if world_size > 1 else normal_images
     model.to(memory_format=torch.contiguous_format)
     embeddings = []
     with full_precision(device):
+        if reestimate_batchnorm:
+            batches = tqdm(normal_images_of(normal_images), desc="Re-estimating batch-norm statistics", unit="batch")
+            reestimate_batchnorm_statistics(model.feature_extractor, batches, transform, device)
         for images in tqdm(normal_images_of(loader), desc="Embedding normal training images", unit="batch"):
             images = images.to(device)
             embeddings.append(model.patch_embeddings(transform(images) if transform else images))

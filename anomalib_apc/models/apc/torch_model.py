@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from anomalib.data import InferenceBatch
 from anomalib.models.image.patchcore.torch_model import PatchcoreModel
 from torch import nn
 
@@ -75,6 +76,10 @@ class FineTuneNetwork(nn.Module):
         }
         return FineTuneOutput(*(self.heads[task](inputs[task]) if task in self.heads else None for task in TASKS))
 
+    def segmentation_logits(self, stages: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The segmentation head alone on the decoder's pixel features (inference: no other head runs)."""
+        return self.heads["segmentation"](self.decoder(stages).pixel_features)
+
 
 class AnomalousPatchCoreModel(PatchcoreModel):
     """PatchCore on a fine-tuned encoder.
@@ -89,6 +94,9 @@ class AnomalousPatchCoreModel(PatchcoreModel):
         tasks: Auxiliary tasks to fine-tune with; empty means plain PatchCore on the initial weights.
         num_neighbors: Memory-bank neighbours used for PatchCore's score re-weighting, at least 1 and at
             most the memory bank's rows.
+        segmentation_fusion: Exponent ``w`` of the segmentation head's defect probability ``p`` in the
+            anomaly map, which becomes PatchCore's map times ``p ** w``. 0 keeps PatchCore's map (the
+            paper); the image score is PatchCore's either way. Needs the segmentation task.
 
     Raises:
         InvalidInputError: An argument that cannot be used; the message names it.
@@ -104,6 +112,7 @@ class AnomalousPatchCoreModel(PatchcoreModel):
         decoder: DecoderType = "unet2",
         tasks: Sequence[str] = TASKS,
         num_neighbors: int = 9,
+        segmentation_fusion: float = 0.0,
     ) -> None:
         if num_neighbors < 1:
             msg = f"num_neighbors must be >= 1 (memory-bank patches used to re-weight scores), got {num_neighbors}."
@@ -115,6 +124,33 @@ class AnomalousPatchCoreModel(PatchcoreModel):
         self.feature_extractor = encoder
         self.tasks = validate_tasks(tasks)
         self.finetune_network = FineTuneNetwork(encoder, decoder, self.tasks) if self.tasks else None
+        if segmentation_fusion < 0 or (segmentation_fusion > 0 and "segmentation" not in self.tasks):
+            msg = (
+                f"segmentation_fusion must be >= 0 and needs the 'segmentation' task, got {segmentation_fusion} "
+                f"with tasks {list(self.tasks)}."
+            )
+            raise InvalidInputError(msg)
+        self.segmentation_fusion = segmentation_fusion
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor | InferenceBatch:
+        """PatchCore's forward; in inference with ``segmentation_fusion`` its map weighted by the defect probability.
+
+        The memory bank alone decides the image score (detection); the segmentation head, trained on
+        the real defect masks, sharpens where in the image the map responds (localisation).
+        """
+        predictions = super().forward(images)
+        if self.training or self.segmentation_fusion == 0:
+            return predictions
+        weight = self.defect_probability(images, predictions.anomaly_map.shape[-2:]).pow(self.segmentation_fusion)
+        return predictions._replace(anomaly_map=predictions.anomaly_map * weight)
+
+    def defect_probability(self, images: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+        """The segmentation head's defect probability ``(B, 1, *size)`` (bilinear to the anomaly map's size)."""
+        if self.finetune_network is None or "segmentation" not in self.finetune_network.heads:
+            msg = "This model has no segmentation head (tasks without 'segmentation')."
+            raise RuntimeError(msg)
+        logits = self.finetune_network.segmentation_logits(self.feature_extractor.forward_all_stages(images))
+        return torch.sigmoid(nn.functional.interpolate(logits, size=tuple(size), mode="bilinear"))
 
     def finetune_forward(self, images: torch.Tensor) -> FineTuneOutput:
         """Head outputs for a batch of pre-processed images, with gradients through the encoder."""
