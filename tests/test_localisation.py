@@ -100,7 +100,7 @@ def test_memory_bank_reads_the_reestimated_statistics(tiny_dataset, train_tiny_a
 
     def datamodule() -> SupervisedMVTecAD:
         return SupervisedMVTecAD(root=tiny_dataset.root, category=tiny_dataset.category, num_anomalies=3, seed=0,
-                                 train_batch_size=4, eval_batch_size=8)
+                                 train_batch_size=4, eval_batch_size=8, num_workers=0)
 
     paper = train_tiny_apc(datamodule()).model
     reestimated_datamodule = datamodule()
