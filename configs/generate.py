@@ -151,6 +151,36 @@ ABLATIONS: dict[str, tuple[str, dict[str, Any]]] = {
         "No CutPaste: the real training anomalies with basic augmentations only (ablation row 'without CutPaste').",
         {"data": {"init_args": {"cutpaste_probability": 0.0}}},
     ),
+    "bn_reestimate": (
+        "Localisation candidate: after fine-tuning, the encoder's batch-norm statistics are re-estimated on the real "
+        "normal training images before the memory bank is built (no weight changes), so that the memory bank and the "
+        "test see the normalisation of normal images, not that of the half-anomalous fine-tuning batches.",
+        {"model": {"init_args": {"reestimate_batchnorm": True}}},
+    ),
+    "seg_fusion": (
+        "Localisation candidate: the anomaly map is PatchCore's map times the segmentation head's defect probability "
+        "(the head is trained on the real defect masks); the image score stays the memory bank's.",
+        {"model": {"init_args": {"segmentation_fusion": 1.0}}},
+    ),
+    "bn_reestimate_seg_fusion": (
+        "Localisation candidates together: batch-norm statistics re-estimated on the normal images, and the anomaly "
+        "map weighted by the segmentation head's defect probability.",
+        {"model": {"init_args": {"reestimate_batchnorm": True, "segmentation_fusion": 1.0}}},
+    ),
+    "paper": (
+        "The paper-faithful method, whatever this package's defaults: three tasks with loss weights 10/1/1, the U-Net "
+        "decoder with skips from the memory-bank stages, full fine-tuning, the fine-tuned batch-norm statistics in "
+        "the memory bank and PatchCore's anomaly map. The run's size (epochs, backbone, image size) stays the "
+        "category config's.",
+        {"model": {"init_args": {
+            "tasks": ["classification", "segmentation", "reconstruction"],
+            "decoder": "unet2",
+            "loss_weights": [10.0, 1.0, 1.0],
+            "finetune_scope": "all",
+            "reestimate_batchnorm": False,
+            "segmentation_fusion": 0.0,
+        }}},
+    ),
     **{
         f"anomalies_{count}": (
             f"{count} training anomalies per category instead of 10.",
