@@ -7,6 +7,8 @@ A bundle is a folder that ``ApcInferencer`` runs without Lightning, the training
   concatenation: ``AnomalousPatchCoreModel.embedding_map``). Input: pre-processed images
   ``(N, 3, H, W)``, any ``N``; output: patch rows ``(N, h, w, D)``, already in the layout faiss
   searches. FP32 by default; FP16 weights, or INT8 quantised by nncf on calibration images.
+- ``defect_probability.xml`` / ``.bin`` (models with ``segmentation_fusion`` only): OpenVINO IR of
+  the segmentation head's defect probability ``(N, 1, H, W)``, which weights the anomaly map.
 - ``memory_bank.faiss``: the memory bank as an exact faiss ``IndexFlatL2``.
 - ``bound_projection.npz``: principal axes of the memory bank, with which exact search skips most
   distance computations (see ``anomalib_apc.deploy.search``).
@@ -45,9 +47,23 @@ from anomalib_apc.models import AnomalousPatchCore
 from .calibration import query_patches, read_calibration_images
 from .checkpoint import read_checkpoint
 from .checksums import bundle_checksums
-from .graph import EmbeddingGraph, export_graph, model_input_size, normalization, pre_processing_transform
+from .graph import (
+    DefectProbabilityGraph,
+    EmbeddingGraph,
+    export_graph,
+    model_input_size,
+    normalization,
+    pre_processing_transform,
+)
 from .inferencer import ApcInferencer
-from .metadata import GRAPH_FILE, MEMORY_BANK_FILE, METADATA_FILE, BundleMetadata
+from .metadata import (
+    DEFECT_GRAPH_FILE,
+    DEFECT_GRAPH_OUTPUT,
+    GRAPH_FILE,
+    MEMORY_BANK_FILE,
+    METADATA_FILE,
+    BundleMetadata,
+)
 from .options import INDEX_TYPES, PRECISIONS, IndexType, Precision
 from .parity import compare_with_model
 from .search_export import export_approximate_index, export_bound
@@ -124,6 +140,9 @@ def export_bundle(
     with torch.no_grad():
         _, feature_height, feature_width, embedding_dim = graph(torch.zeros(1, 3, *image_size)).shape
     export_graph(graph, image_size, precision, model_inputs, directory / GRAPH_FILE)
+    if torch_model.segmentation_fusion > 0:
+        export_graph(DefectProbabilityGraph(torch_model).eval(), image_size, precision, model_inputs,
+                     directory / DEFECT_GRAPH_FILE, output_name=DEFECT_GRAPH_OUTPUT)
 
     memory_bank = np.ascontiguousarray(torch_model.memory_bank.detach().cpu().numpy(), dtype=np.float32)
     exact_index = faiss.IndexFlatL2(memory_bank.shape[1])
@@ -146,6 +165,7 @@ def export_bundle(
         normalization=normalization(transform),
         post_processor=_post_processor_description(lightning_model.post_processor),
         anomaly_map_sigma=ANOMALY_MAP_SIGMA,
+        segmentation_fusion=float(torch_model.segmentation_fusion),
         exact_search=exact_search,
         approximate_search=approximate_search,
         versions=_versions(precision),

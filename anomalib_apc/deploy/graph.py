@@ -1,10 +1,12 @@
-"""The bundle's OpenVINO graph: the fine-tuned CNN and PatchCore's local aggregation, converted from PyTorch.
+"""The bundle's OpenVINO graphs: the fine-tuned CNN and PatchCore's local aggregation, converted from PyTorch;
+with ``segmentation_fusion``, also the segmentation head's defect probability.
 
 Also what the graph's static input depends on: the model's pre-processing transform, the size it
 brings every image to, and its normalisation (recorded for readers of the metadata).
 """
 
 import logging
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,6 +33,22 @@ class EmbeddingGraph(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model.embedding_map(images).permute(0, 2, 3, 1)
+
+
+class DefectProbabilityGraph(nn.Module):
+    """The segmentation head's defect probability ``(N, 1, H, W)`` of pre-processed images.
+
+    A graph of its own, exported only for models with ``segmentation_fusion``: the encoder runs
+    through every stage and the decoder, which the embedding graph (stopping at the deepest
+    memory-bank stage) never needs.
+    """
+
+    def __init__(self, model: AnomalousPatchCoreModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.defect_probability(images, images.shape[-2:])
 
 
 def pre_processing_transform(model: AnomalousPatchCore) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -64,21 +82,24 @@ def normalization(transform: Callable[[torch.Tensor], torch.Tensor]) -> dict[str
 
 
 def export_graph(
-    graph: EmbeddingGraph,
+    graph: nn.Module,
     image_size: tuple[int, int],
     precision: Precision,
     calibration_inputs: torch.Tensor | None,
     path: Path,
+    output_name: str = GRAPH_OUTPUT,
 ) -> None:
     """Convert the graph with a dynamic batch dimension, quantise it for INT8, save it as IR."""
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # kornia's Gaussian blur (segmentation head) reads its constant kernel size while traced: harmless here
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning, module="kornia")
         ov_model = ov.convert_model(
             graph,
             example_input=torch.zeros(2, 3, *image_size),
             input=[ov.PartialShape([-1, 3, *image_size])],
         )
     ov_model.input(0).get_tensor().set_names({GRAPH_INPUT})
-    ov_model.output(0).get_tensor().set_names({GRAPH_OUTPUT})
+    ov_model.output(0).get_tensor().set_names({output_name})
     if precision == "int8":
         import nncf
 

@@ -36,7 +36,7 @@ from anomalib_apc.errors import InvalidInputError
 
 from .checksums import verify_checksums
 from .images import ImageInput, to_image_tensors
-from .metadata import GRAPH_FILE, MEMORY_BANK_FILE, METADATA_FILE, BundleMetadata, read_metadata
+from .metadata import DEFECT_GRAPH_FILE, GRAPH_FILE, MEMORY_BANK_FILE, METADATA_FILE, BundleMetadata, read_metadata
 from .options import SEARCH_MODES, SearchMode
 from .search import (
     ApproximateSearch,
@@ -138,7 +138,12 @@ class ApcInferencer:
         verify_checksums(self.bundle, self.metadata.checksums, self.metadata.files())
         self.num_threads = num_threads or available_cpus()
         faiss.omp_set_num_threads(self.num_threads)
-        self.graph = self._compile_graph(device)
+        self.graph = self._compile_graph(
+            device, GRAPH_FILE, [*self.metadata.feature_map_size, self.metadata.embedding_dim])
+        self.defect_graph = (
+            self._compile_graph(device, DEFECT_GRAPH_FILE, [1, *self.metadata.image_size])
+            if self.metadata.segmentation_fusion > 0 else None
+        )
         self.memory_bank = self._read_memory_bank()
         self.search: NearestNeighbourSearch = self._make_search(search)
         self.scoring = MemoryBankScoring(self.memory_bank, self.metadata.num_neighbors)
@@ -152,20 +157,20 @@ class ApcInferencer:
     def image_size(self) -> tuple[int, int]:
         return self.metadata.image_size
 
-    def _compile_graph(self, device: str) -> ov.CompiledModel:
-        path = self.bundle / GRAPH_FILE
+    def _compile_graph(self, device: str, name: str, output_shape: list[int]) -> ov.CompiledModel:
+        """Read and compile one of the bundle's graphs, refusing one whose shapes disagree with the metadata."""
+        path = self.bundle / name
         try:
             model = ov.Core().read_model(path)
         except RuntimeError as error:
             msg = f"{path}: OpenVINO cannot read this graph ({error})."
             raise InvalidInputError(msg) from error
         height, width = self.metadata.image_size
-        input_shape, output_shape = model.input(0).get_partial_shape(), model.output(0).get_partial_shape()
-        expected_input = ov.PartialShape([-1, 3, height, width])
-        expected_output = ov.PartialShape([-1, *self.metadata.feature_map_size, self.metadata.embedding_dim])
-        if not input_shape.compatible(expected_input) or not output_shape.compatible(expected_output):
+        input_shape, graph_output = model.input(0).get_partial_shape(), model.output(0).get_partial_shape()
+        expected_input, expected_output = ov.PartialShape([-1, 3, height, width]), ov.PartialShape([-1, *output_shape])
+        if not input_shape.compatible(expected_input) or not graph_output.compatible(expected_output):
             msg = (
-                f"{path}: graph maps {input_shape} to {output_shape}, but the metadata says {expected_input} to "
+                f"{path}: graph maps {input_shape} to {graph_output}, but the metadata says {expected_input} to "
                 f"{expected_output}; the bundle's files do not belong together, export it again."
             )
             raise InvalidInputError(msg)
@@ -276,6 +281,10 @@ class ApcInferencer:
         locations = torch.from_numpy(nearest_ids).reshape(batch_size, height * width)
         pred_score = self.scoring.image_scores(patch_scores, locations, torch.from_numpy(rows))
         anomaly_map = self.anomaly_map_generator(patch_scores.reshape(batch_size, 1, height, width), self.image_size)
+        if self.defect_graph is not None:  # segmentation_fusion: as AnomalousPatchCoreModel.forward
+            inputs = np.ascontiguousarray(model_inputs.numpy(), dtype=np.float32)
+            probability = torch.from_numpy(self.defect_graph(inputs)[0])
+            anomaly_map = anomaly_map * probability.pow(self.metadata.segmentation_fusion)
         return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
 
     def post_process(self, raw: InferenceBatch) -> InferenceBatch:

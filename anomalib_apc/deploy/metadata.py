@@ -17,7 +17,7 @@ from anomalib_apc.errors import InvalidInputError, MissingInputError
 
 BUNDLE_FORMAT = "anomalib-apc-bundle"
 # Version 2: SHA-256 of every file and the source checkpoint's identity.
-BUNDLE_FORMAT_VERSION = 2
+BUNDLE_FORMAT_VERSION = 3
 ARCHITECTURE = "AnomalousPatchCore"
 
 METADATA_FILE = "metadata.json"
@@ -26,8 +26,11 @@ MEMORY_BANK_FILE = "memory_bank.faiss"
 BOUND_PROJECTION_FILE = "bound_projection.npz"
 APPROXIMATE_INDEX_FILE = "approximate_index.faiss"
 
+DEFECT_GRAPH_FILE = "defect_probability.xml"
+
 GRAPH_INPUT = "images"
 GRAPH_OUTPUT = "patch_embeddings"
+DEFECT_GRAPH_OUTPUT = "defect_probability"
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,8 @@ class BundleMetadata:
         post_processor: ``{"class_path", "config", "state"}`` of the anomalib post-processor (its
             thresholds and min/max statistics in ``state``), or ``None`` for raw scores.
         anomaly_map_sigma: Gaussian sigma of PatchCore's anomaly-map smoothing.
+        segmentation_fusion: Exponent of the defect probability (``defect_probability.xml``) that
+            weights the anomaly map; 0: PatchCore's map, and no such graph.
         exact_search: The lower bound that speeds up exact search (``{"file", "dim",
             "explained_variance", "candidates", "settled_fraction", "measured_speedup_vs_brute_force",
             "measured_on"}``), or ``None`` where it was no faster than brute force at export.
@@ -77,6 +82,7 @@ class BundleMetadata:
     normalization: dict[str, list[float]] | None
     post_processor: dict[str, Any] | None
     anomaly_map_sigma: float
+    segmentation_fusion: float
     exact_search: dict[str, Any] | None
     approximate_search: dict[str, Any] | None
     versions: dict[str, str]
@@ -89,7 +95,8 @@ class BundleMetadata:
 
     def files(self) -> list[str]:
         """The files of the bundle besides ``metadata.json``."""
-        files = [GRAPH_FILE, GRAPH_FILE.replace(".xml", ".bin"), MEMORY_BANK_FILE]
+        graphs = [GRAPH_FILE, DEFECT_GRAPH_FILE] if self.segmentation_fusion > 0 else [GRAPH_FILE]
+        files = [name for graph in graphs for name in (graph, graph.replace(".xml", ".bin"))] + [MEMORY_BANK_FILE]
         files += [search["file"] for search in (self.exact_search, self.approximate_search) if search]
         return files
 
