@@ -38,6 +38,7 @@ from anomalib_apc.benchmark.data import (
     make_datamodule,
     resolve_categories,
 )
+from anomalib_apc.benchmark.finetuning_reuse import derive_and_test, derived_rows
 from anomalib_apc.benchmark.meter import RunMeter, warm_up
 from anomalib_apc.benchmark.metrics import METRIC_NAMES
 from anomalib_apc.benchmark.models import (
@@ -91,7 +92,12 @@ def run_benchmark(
     settings = replace(settings, variants=tuple(variant.name for variant in variants))
     for notice in notices:
         logger.warning(notice)
-    build_models(settings, initialisation, settings.seeds[0], variants)  # every model can be built, before training
+    models = build_models(settings, initialisation, settings.seeds[0], variants)  # all can be built, before training
+    reused = [name for name in models if name in derived_rows(models)]
+    if reused:
+        skipped.append(f"Rows {', '.join(reused)} reuse APC's fine-tuning of the same seed: they differ from APC only "
+                       "in arguments fine-tuning never reads; each builds its own memory bank, and its fine-tuning "
+                       "time is APC's.")
     clear_earlier_results(settings)
     result = BenchmarkResult(settings, initialisation, describe_device(settings.device), notices=skipped)
     jobs = [(data, seed) for data in categories for seed in settings.seeds]
@@ -194,6 +200,7 @@ def run_split(
     warm_up(models[APC], settings)
     datamodules = make_datamodules(settings, data, seed, variants)
     apc_datamodule, baseline_datamodule = datamodules[APC], datamodules[BASELINES]
+    derived = derived_rows(models)
     runs: list[ModelRun] = []
     meters: dict[str, RunMeter] = {}
     for name, model in models.items():
@@ -202,8 +209,13 @@ def run_split(
         try:
             seed_everything(seed, workers=True)
             engine = _engine(settings, split_dir / _slug(name), meter)
-            metrics = _fit_and_test(model, engine, datamodules.get(name, baseline_datamodule))
-            _fill_run(run, model, metrics, meter)
+            datamodule = datamodules.get(name, baseline_datamodule)
+            if name in derived:
+                metrics, memory_bank_s = derive_and_test(model, models[APC], runs, engine, datamodule)
+                _fill_run(run, model, metrics, meter)
+                run.finetune_s, run.memory_bank_s = next(r.finetune_s for r in runs if r.model == APC), memory_bank_s
+            else:
+                _fill_run(run, model, _fit_and_test(model, engine, datamodule), meter)
             meters[name] = meter
         except InterruptedRunError:
             raise  # a stopped run ends the whole benchmark, it is no model's failure

@@ -47,3 +47,11 @@ def check_training_arguments(
             "finetune_scope 'all', or segmentation_fusion 0."
         )
         raise InvalidInputError(msg)
+
+
+POST_FINETUNING_ARGUMENTS = frozenset({"reestimate_batchnorm", "segmentation_fusion"})
+"""Constructor arguments that phase 1 never reads: models differing only in them fine-tune to the same weights.
+
+``reestimate_batchnorm`` acts in phase 2, ``segmentation_fusion`` at inference; the benchmark uses
+this to derive such variants from APC's fine-tuned weights instead of fine-tuning them again.
+"""

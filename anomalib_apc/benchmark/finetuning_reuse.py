@@ -1,0 +1,89 @@
+"""Variant rows that reuse APC's fine-tuning, because they differ from APC only in what phase 1 never reads.
+
+Fine-tuning is deterministic for a given seed (the same initial weights, batches and CutPaste
+draws), so a variant that only changes how the memory bank's statistics are taken or how the map
+is made (``POST_FINETUNING_ARGUMENTS``) would fine-tune to exactly APC's weights. Such a row takes
+APC's fine-tuned state and builds its own memory bank under its own arguments: it costs a phase 2
+and a test instead of a whole fine-tuning, with the same result (``tests/test_finetuning_reuse.py``
+compares it with the variant trained from scratch).
+"""
+
+import time
+from collections.abc import Sequence
+
+from anomalib.engine import Engine
+from anomalib.models.components import AnomalibModule
+
+from anomalib_apc.benchmark.results import ModelRun
+from anomalib_apc.benchmark.settings import APC
+from anomalib_apc.data import SupervisedMVTecAD
+from anomalib_apc.errors import InvalidInputError
+from anomalib_apc.models import AnomalousPatchCore
+from anomalib_apc.models.apc.arguments import POST_FINETUNING_ARGUMENTS
+from anomalib_apc.models.apc.memory_bank import build_memory_bank_on_all_ranks
+from anomalib_apc.models.apc.normal_images import normal_training_dataloader
+
+
+def derived_rows(models: dict[str, AnomalibModule]) -> set[str]:
+    """The variant rows of ``models`` (row -> model, APC among them) that reuse APC's fine-tuning."""
+    apc = models[APC]
+    return {
+        name for name, model in models.items()
+        if name != APC and isinstance(model, AnomalousPatchCore) and reuses_apc_finetuning(model, apc)
+    }
+
+
+def reuses_apc_finetuning(variant: AnomalousPatchCore, apc: AnomalousPatchCore) -> bool:
+    """Whether ``variant`` can start from APC's fine-tuned state.
+
+    True when every constructor argument that differs is one phase 1 never reads, and APC's state
+    still holds the fine-tuned batch-norm statistics (APC itself does not re-estimate them).
+    """
+    differing = {
+        name for name, value in variant.hparams.items() if _comparable(apc.hparams.get(name)) != _comparable(value)
+    }
+    return differing <= POST_FINETUNING_ARGUMENTS and not apc.reestimate_batchnorm
+
+
+def _comparable(value: object) -> object:
+    """Lists as tuples, so that a config's ``[a, b]`` equals a default ``(a, b)``."""
+    return tuple(_comparable(item) for item in value) if isinstance(value, list | tuple) else value
+
+
+def derive_from_apc(variant: AnomalousPatchCore, apc: AnomalousPatchCore, datamodule: SupervisedMVTecAD) -> None:
+    """Give ``variant`` APC's fine-tuned weights, then its own memory bank (phase 2 under its arguments)."""
+    variant.to(apc.device)
+    variant.load_state_dict(apc.state_dict())
+    variant.eval()
+    datamodule.setup()
+    build_memory_bank_on_all_ranks(
+        variant.model,
+        normal_training_dataloader(datamodule),
+        getattr(variant.pre_processor, "transform", None),
+        variant.coreset_sampling_ratio,
+        variant.coreset_seed,
+        variant.device,
+        between_batches=lambda: None,
+        reestimate_batchnorm=variant.reestimate_batchnorm,
+    )
+
+
+def derive_and_test(
+    variant: AnomalousPatchCore,
+    apc: AnomalousPatchCore,
+    earlier_runs: Sequence[ModelRun],
+    engine: Engine,
+    datamodule: SupervisedMVTecAD,
+) -> tuple[dict[str, float], float]:
+    """Test a derived row: its test metrics, and the seconds its phase 2 took.
+
+    Raises:
+        InvalidInputError: APC's own run failed (or has not run), so there is nothing to reuse.
+    """
+    if not any(run.model == APC and run.ok for run in earlier_runs):
+        msg = f"{APC} failed, so there is no fine-tuning to reuse"
+        raise InvalidInputError(msg)
+    started = time.perf_counter()
+    derive_from_apc(variant, apc, datamodule)
+    memory_bank_s = time.perf_counter() - started
+    return engine.test(variant, datamodule=datamodule, verbose=False)[0], memory_bank_s
