@@ -11,6 +11,9 @@ anomaly map, normalisation and labels.
 - ``bundle``: ``ApcInferencer.predict`` on an FP32 bundle: OpenVINO CNN, exact faiss search with the
   lower bound of ``anomalib_apc.deploy.search``.
 - ``bundle brute force``: the same bundle with ``search="brute_force"`` (faiss ``IndexFlatL2`` over every row).
+- with ``--segmentation-fusion W``, the model has a segmentation head (untrained: the time is the same)
+  whose defect probability weights the map, and the bundle its extra graph; ``bundle, map unfused``
+  is that bundle with the extra graph left out, which gives the cost of the fusion.
 
 Calls are interleaved (one call of each contestant per round), so that load from other processes
 affects them alike; the table gives the median over rounds per image. The ``load`` line gives the
@@ -25,6 +28,7 @@ there the lower bound cannot settle anything and exact search falls back to brut
 Example:
     python benchmarks/deploy_benchmark.py                       # ResNet-50, 256 px, 16,384 x 1,536
     python benchmarks/deploy_benchmark.py --backbone resnet18 --image-size 128 --memory-bank-size 2048 --rounds 3
+    python benchmarks/deploy_benchmark.py --image-size 128 --memory-bank-size 4096 --segmentation-fusion 1
 """
 
 import argparse
@@ -64,6 +68,8 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--skip-anomalib-openvino", action="store_true",
                         help="leave out anomalib's export (slow to export)")
+    parser.add_argument("--segmentation-fusion", type=float, default=0.0,
+                        help="exponent of the segmentation head's probability in the map (0: PatchCore's map)")
     parser.add_argument("--work-dir", type=Path, help="where exports go (default: a temporary folder)")
     return parser.parse_args()
 
@@ -82,9 +88,11 @@ def main() -> None:
 def run(args: argparse.Namespace, work_dir: Path) -> None:
     size = (args.image_size, args.image_size)
     model = AnomalousPatchCore(
-        backbone=args.backbone, pre_trained=False, tasks=(), finetune_epochs=0, visualizer=False,
-        pre_processor=AnomalousPatchCore.configure_pre_processor(image_size=size),
+        backbone=args.backbone, pre_trained=False, tasks=("segmentation",) if args.segmentation_fusion else (),
+        finetune_epochs=0, visualizer=False, pre_processor=AnomalousPatchCore.configure_pre_processor(image_size=size),
     ).eval()
+    # set after construction: the model refuses an untrained segmentation head, which times like a trained one
+    model.model.segmentation_fusion = args.segmentation_fusion
     train_images, test_images = load_images(args, work_dir)
     fill_memory_bank(model, train_images, args)
     calibrate_post_processor(model, test_images)
@@ -98,8 +106,13 @@ def run(args: argparse.Namespace, work_dir: Path) -> None:
     inferencer = ApcInferencer(bundle, num_threads=args.threads)
     contestants["bundle"] = inferencer.predict
     contestants["bundle brute force"] = ApcInferencer(bundle, num_threads=args.threads, search="brute_force").predict
+    if args.segmentation_fusion:
+        unfused = ApcInferencer(bundle, num_threads=args.threads)
+        unfused.defect_graph = None
+        contestants["bundle, map unfused"] = unfused.predict
 
-    print(f"\n{args.backbone}, {args.image_size} px, memory bank {model.model.memory_bank.shape[0]} x "
+    fusion = f", segmentation fusion {args.segmentation_fusion}" if args.segmentation_fusion else ""
+    print(f"\n{args.backbone}{fusion}, {args.image_size} px, memory bank {model.model.memory_bank.shape[0]} x "
           f"{model.model.memory_bank.shape[1]} ({args.memory_bank}), {args.threads} threads, "
           f"load before {os.getloadavg()[0]:.2f}")
     table = {

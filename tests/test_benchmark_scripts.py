@@ -49,11 +49,12 @@ def test_deploy_benchmark_runs_and_checks_parity(tiny_dataset, tmp_path: Path) -
     result = subprocess.run(
         [sys.executable, str(BENCHMARKS / "deploy_benchmark.py"), "--backbone", "resnet18", "--image-size", "64",
          "--memory-bank-size", "256", "--rounds", "1", "--batch-sizes", "1", "--skip-anomalib-openvino",
-         "--category-dir", str(tiny_dataset.category_dir), "--work-dir", str(tmp_path)],
+         "--segmentation-fusion", "1", "--category-dir", str(tiny_dataset.category_dir), "--work-dir", str(tmp_path)],
         capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert re.search(r"^bundle +[\d.]+ +[\d.]+x$", result.stdout, flags=re.MULTILINE), result.stdout
+    assert re.search(r"^bundle, map unfused +[\d.]+ +[\d.]+x$", result.stdout, flags=re.MULTILINE), result.stdout
     assert "labels identical" in result.stdout
 
 
