@@ -118,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
     quiet = not getattr(args, "verbose", False)
     if quiet:
         _hide_library_warnings()
+    from anomalib_apc.benchmark.engines import is_main_process
     from anomalib_apc.benchmark.report import write_report
     from anomalib_apc.benchmark.results import FIGURES_DIR
     from anomalib_apc.benchmark.runner import run_benchmark
@@ -126,6 +127,8 @@ def run(args: argparse.Namespace) -> int:
         _lower_library_loggers()
 
     result = run_benchmark(settings_from_arguments(args), on_split_done=write_report)
+    if not is_main_process():
+        return 0  # another rank of --devices N: the first process reports
     paths = write_report(result)
     print()
     print(paths["markdown"].read_text())
