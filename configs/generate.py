@@ -59,10 +59,10 @@ APC_MODEL = {
     },
 }
 
-# The paper's baseline is PatchCore on an ImageNet ResNet-50, tested on APC's test set. anomalib's own
-# `Patchcore` learns from every training batch, so with APC's datamodule its memory bank would take in
-# the training anomalies; AnomalousPatchCore without auxiliary tasks is PatchCore (anomalib's
-# PatchcoreModel scoring, the same coreset indices) whose memory bank reads the normal images only.
+# The paper's baseline is PatchCore on an ImageNet ResNet-50, tested on APC's test set: AnomalousPatchCore
+# without auxiliary tasks is PatchCore (anomalib's PatchcoreModel scoring, the same coreset indices) whose
+# memory bank reads the normal images only. anomalib's own `Patchcore` (configs/benchmark/) is served the
+# normal training images only by the same datamodule (anomalib_apc/data/training_view.py).
 PATCHCORE_MODEL = {
     "class_path": "anomalib_apc.models.AnomalousPatchCore",
     "init_args": {

@@ -37,6 +37,7 @@ examples:
   anomalib-apc benchmark --dataset mvtecad --root datasets/MVTecAD --category pill --category screw --seeds 0 1 2
   anomalib-apc benchmark --dataset {MVTEC_LAYOUT} --root ../shared/datasets/mpdd/metal_plate --backbone resnet50 \\
       --image-size 128 --finetune-epochs 3 --no-pretrained --seeds 0 1 2 --output results/mpdd
+  anomalib-apc benchmark --dataset mvtecad --root datasets/MVTecAD --category pill --device gpu --devices 4
 """
 
 

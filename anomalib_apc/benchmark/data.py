@@ -2,9 +2,9 @@
 
 Each model gets its own ``SupervisedMVTecAD`` built with the same arguments and seed, so the same
 anomalies move to training. APC trains on that train split (normal images, the moved anomalies,
-CutPaste); Patchcore's memory bank reads the real normal training images only, through the
-project's contract (``normal_training_dataloader``). :func:`describe_datamodule_mismatch` checks
-afterwards that the two datamodules agreed.
+CutPaste); a baseline fitted on the same datamodule is served the real normal training images only
+(the datamodule's one-class view, its ``normal_train_dataloader``). :func:`describe_datamodule_mismatch`
+checks afterwards that the datamodules agreed.
 """
 
 from dataclasses import dataclass

@@ -12,7 +12,7 @@ What makes the comparison fair, and where it is enforced:
   scored by anomalib's ``Evaluator`` with ``AUROC``, ``F1Max`` and ``AUPRO`` on the raw scores and maps.
 
 This module only orchestrates: check the inputs and the output folder, then train and test every
-model on every category and seed.
+model on every category and seed (``engines`` says how, on one device or with ``--devices N``).
 """
 
 import logging
