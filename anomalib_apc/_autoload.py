@@ -5,6 +5,14 @@ that are already imported. The ``anomalib_apc_autoload.pth`` file installed with
 this module at interpreter start-up. It only appends a meta-path finder: nothing is imported until a
 program imports ``anomalib.cli.cli``, and right after that module has run, the plugin's models and
 datamodules are imported. Programs that never import anomalib's CLI pay a few microseconds.
+
+``anomalib benchmark --config`` (its grid pipeline) resolves a ``class_path`` differently: ``get_model``
+and ``get_datamodule`` look the short name up as an attribute of the ``anomalib.models`` and
+``anomalib.data`` modules, and ``get_model`` refuses any dotted path outside a whitelist of anomalib
+modules, so that a config cannot make it import arbitrary code. At the same moment the hook therefore
+sets :data:`SHORT_NAMES` (our public classes only) as attributes of those two modules, never replacing
+a name anomalib has itself. The whitelist is left as it is: ``anomalib_apc.models.AnomalousPatchCore``
+stays refused there, and nothing but these three classes becomes reachable.
 """
 
 import importlib
@@ -14,6 +22,29 @@ from types import ModuleType
 
 CLI_MODULE = "anomalib.cli.cli"
 PLUGIN_MODULES = ("anomalib_apc.models", "anomalib_apc.data")
+SHORT_NAMES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "anomalib.models": ("anomalib_apc.models", ("AnomalousPatchCore",)),
+    "anomalib.data": ("anomalib_apc.data", ("SupervisedMVTecAD", "SupervisedFolder")),
+}
+"""anomalib module -> (plugin module, the public classes registered there under their own names)."""
+
+
+def register_short_names() -> None:
+    """Make anomalib's ``get_model``/``get_datamodule`` find :data:`SHORT_NAMES` by short name.
+
+    A name anomalib already defines is left alone (with a warning): the plugin never shadows anomalib.
+    """
+    for target_name, (source_name, names) in SHORT_NAMES.items():
+        target, source = importlib.import_module(target_name), importlib.import_module(source_name)
+        for name in names:
+            ours, present = getattr(source, name), getattr(target, name, None)
+            if present is None:
+                setattr(target, name, ours)
+            elif present is not ours:
+                logging.getLogger(__name__).warning(
+                    "anomalib-apc: %s.%s exists already; %s.%s is not registered under that name.",
+                    target_name, name, source_name, name,
+                )
 
 
 class _ImportPluginAfterLoader:
@@ -32,6 +63,8 @@ class _ImportPluginAfterLoader:
                 importlib.import_module(name)
             except Exception:  # a broken plugin must not take anomalib's CLI down with it
                 logging.getLogger(__name__).exception("anomalib-apc: could not import %s for anomalib's CLI.", name)
+                return
+        register_short_names()
 
 
 class _AnomalibCliFinder:

@@ -1,5 +1,5 @@
 """Writes the anomalib CLI configs of this folder: 15 MVTec AD categories x (APC, Patchcore), the ablations,
-and a CPU-sized APC config for MPDD metal_plate.
+a CPU-sized APC config for MPDD metal_plate, and the grid of ``anomalib benchmark`` (``benchmark/``).
 
 The per-category files differ only in ``data.init_args.category``; they are generated so that each one
 is complete (``anomalib train --config configs/apc/mvtecad/pill.yaml`` needs nothing else) while the
@@ -59,10 +59,10 @@ APC_MODEL = {
     },
 }
 
-# The paper's baseline is PatchCore on an ImageNet ResNet-50, tested on APC's test set. anomalib's own
-# `Patchcore` learns from every training batch, so with APC's datamodule its memory bank would take in
-# the training anomalies; AnomalousPatchCore without auxiliary tasks is PatchCore (anomalib's
-# PatchcoreModel scoring, the same coreset indices) whose memory bank reads the normal images only.
+# The paper's baseline is PatchCore on an ImageNet ResNet-50, tested on APC's test set: AnomalousPatchCore
+# without auxiliary tasks is PatchCore (anomalib's PatchcoreModel scoring, the same coreset indices) whose
+# memory bank reads the normal images only. anomalib's own `Patchcore` (configs/benchmark/) is served the
+# normal training images only by the same datamodule (anomalib_apc/data/training_view.py).
 PATCHCORE_MODEL = {
     "class_path": "anomalib_apc.models.AnomalousPatchCore",
     "init_args": {
@@ -120,6 +120,36 @@ def _mpdd_cpu_config() -> dict[str, Any]:
     config["default_root_dir"] = "results/mpdd"
     return config
 
+
+BENCHMARK_HEADER = """\
+anomalib's own benchmark pipeline: anomalib's Patchcore and AnomalousPatchCore on every MVTec AD category,
+each on the supervised split (10 anomalies moved to training, removed from the test set of both; Patchcore
+is served the normal training images only). One job per model and category; with several CUDA devices
+visible, anomalib runs one job per GPU side by side, else one after the other. The results table is
+runs/benchmark/<date-time>/results.csv under the working directory (errors in runs/pipeline.log).
+Every model gets the same init_args (anomalib's results table needs the same keys in every row), so
+only arguments both take are set: ImageNet ResNet-50 for both, i.e. APC's 'ImageNet init' ablation with
+its paper defaults otherwise (U-Net2, three tasks, 50 epochs, 256 px). Without a GPU set accelerator: cpu.
+Run: anomalib benchmark --config configs/benchmark/apc_vs_patchcore.yaml"""
+
+BENCHMARK = {
+    "accelerator": "cuda",
+    "benchmark": {
+        "seed": 0,
+        "model": {
+            "class_path": {"grid": ["Patchcore", "AnomalousPatchCore"]},
+            "init_args": {
+                key: PATCHCORE_MODEL["init_args"][key]
+                for key in ("backbone", "layers", "pre_trained", "coreset_sampling_ratio", "num_neighbors")
+            },
+        },
+        "data": {
+            "class_path": "SupervisedMVTecAD",
+            "init_args": {**DATA["init_args"], "category": {"grid": list(MVTEC_AD_CATEGORIES)}},
+        },
+    },
+}
+"""anomalib's pipeline config: short class names, as its ``get_model``/``get_datamodule`` resolve them."""
 
 ABLATIONS: dict[str, tuple[str, dict[str, Any]]] = {
     "tasks_none": (
@@ -231,6 +261,7 @@ def render_all() -> dict[Path, str]:
         usage = ("Use after a category config: anomalib train --config configs/apc/mvtecad/pill.yaml "
                  f"--config configs/ablations/{name}.yaml")
         files[Path("ablations", f"{name}.yaml")] = _document(f"{description}\n{usage}", override)
+    files[Path("benchmark", "apc_vs_patchcore.yaml")] = _document(BENCHMARK_HEADER, BENCHMARK)
     return files
 
 

@@ -2,8 +2,9 @@
 
 One job per module: ``settings`` declares every option and default (the command line is built from
 it), ``data`` checks the dataset folders and builds the datamodules, ``models`` builds the compared
-models on identical weights and coreset seeds, ``meter`` times them (a Lightning callback),
-``results`` holds the records, ``runner`` orchestrates, ``report`` and ``figures`` write the tables
+models on identical weights and coreset seeds, ``engines`` fits and tests them (on one device, or APC
+with Lightning's DDP for ``--devices N``), ``meter`` times them (a Lightning callback), ``results`` holds
+the records, ``runner`` orchestrates, ``report`` and ``figures`` write the tables
 and figures, ``cli`` is the ``anomalib-apc benchmark`` command. Run it from Python with::
 
     from anomalib_apc.benchmark.report import write_report
@@ -12,6 +13,10 @@ and figures, ``cli`` is the ``anomalib-apc benchmark`` command. Run it from Pyth
 
     result = run_benchmark(BenchmarkSettings(dataset="demo", output=Path("results/demo")))
     write_report(result)
+
+With ``devices`` > 1, Lightning re-runs the calling script for the other ranks, which must call
+``run_benchmark`` with the same settings: they join APC's fits and return a result without runs, so
+write the report only where ``anomalib_apc.benchmark.engines.is_main_process()``.
 
 Importing this package imports nothing heavy, because the console script builds its parser from ``cli``.
 """

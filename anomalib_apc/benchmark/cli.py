@@ -37,6 +37,7 @@ examples:
   anomalib-apc benchmark --dataset mvtecad --root datasets/MVTecAD --category pill --category screw --seeds 0 1 2
   anomalib-apc benchmark --dataset {MVTEC_LAYOUT} --root ../shared/datasets/mpdd/metal_plate --backbone resnet50 \\
       --image-size 128 --finetune-epochs 3 --no-pretrained --seeds 0 1 2 --output results/mpdd
+  anomalib-apc benchmark --dataset mvtecad --root datasets/MVTecAD --category pill --device gpu --devices 4
 """
 
 
@@ -118,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
     quiet = not getattr(args, "verbose", False)
     if quiet:
         _hide_library_warnings()
+    from anomalib_apc.benchmark.engines import is_main_process
     from anomalib_apc.benchmark.report import write_report
     from anomalib_apc.benchmark.results import FIGURES_DIR
     from anomalib_apc.benchmark.runner import run_benchmark
@@ -126,6 +128,8 @@ def run(args: argparse.Namespace) -> int:
         _lower_library_loggers()
 
     result = run_benchmark(settings_from_arguments(args), on_split_done=write_report)
+    if not is_main_process():
+        return 0  # another rank of --devices N: the first process reports
     paths = write_report(result)
     print()
     print(paths["markdown"].read_text())

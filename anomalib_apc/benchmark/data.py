@@ -2,9 +2,9 @@
 
 Each model gets its own ``SupervisedMVTecAD`` built with the same arguments and seed, so the same
 anomalies move to training. APC trains on that train split (normal images, the moved anomalies,
-CutPaste); Patchcore's memory bank reads the real normal training images only, through the
-project's contract (``normal_training_dataloader``). :func:`describe_datamodule_mismatch` checks
-afterwards that the two datamodules agreed.
+CutPaste); a baseline fitted on the same datamodule is served the real normal training images only
+(the datamodule's one-class view, its ``normal_train_dataloader``). :func:`describe_datamodule_mismatch`
+checks afterwards that the datamodules agreed.
 """
 
 from dataclasses import dataclass
@@ -17,6 +17,8 @@ from anomalib_apc.data import SupervisedMVTecAD, make_demo_dataset
 from anomalib_apc.errors import MissingInputError
 from anomalib_apc.models.apc.normal_images import normal_training_dataloader
 
+DEMO_CATEGORY = "demo"
+"""The category folder ``make_demo_dataset`` writes by default."""
 LAYOUT_HELP = "train/good (normal training images), test/<defect type> and ground_truth/<defect type> (masks)"
 
 
@@ -28,15 +30,22 @@ class CategoryData:
     category: str
 
 
-def resolve_categories(settings: BenchmarkSettings) -> list[CategoryData]:
+def resolve_categories(settings: BenchmarkSettings, write_demo_dataset: bool = True) -> list[CategoryData]:
     """The dataset folders of the run, each checked; writes the demo dataset first when it is asked for.
+
+    ``write_demo_dataset=False`` (ranks 1..N-1 of ``--devices N``, started once rank 0 has written it)
+    reads the demo dataset where rank 0 wrote it instead of writing its files again.
 
     Raises:
         MissingInputError: ``root`` does not exist, or a folder lacks ``train/good`` (the message
             says what was expected, and where such folders are when ``root`` is one level too high).
     """
     if settings.dataset == "demo":
-        category_dir = make_demo_dataset(settings.root or settings.output / DEMO_DATASET_DIR)
+        root = Path(settings.root or settings.output / DEMO_DATASET_DIR)
+        category_dir = make_demo_dataset(root, category=DEMO_CATEGORY) if write_demo_dataset else root / DEMO_CATEGORY
+        if not (category_dir / "train" / "good").is_dir():
+            msg = f"the demo dataset ({category_dir}) is missing; the first process writes it before the others start."
+            raise MissingInputError(msg)
         return [CategoryData(category_dir.parent, category_dir.name)]
     root = Path(settings.root)
     if not root.is_dir():

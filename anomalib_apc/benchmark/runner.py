@@ -12,7 +12,7 @@ What makes the comparison fair, and where it is enforced:
   scored by anomalib's ``Evaluator`` with ``AUROC``, ``F1Max`` and ``AUPRO`` on the raw scores and maps.
 
 This module only orchestrates: check the inputs and the output folder, then train and test every
-model on every category and seed.
+model on every category and seed (``engines`` says how, on one device or with ``--devices N``).
 """
 
 import logging
@@ -20,15 +20,11 @@ import re
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import torch
-from anomalib.callbacks import ModelCheckpoint
-from anomalib.engine import Engine
 from anomalib.models.components import AnomalibModule
 from lightning.pytorch import seed_everything
-from lightning.pytorch.callbacks import TQDMProgressBar
 from tqdm.auto import tqdm
 
 from anomalib_apc.benchmark.baselines import baseline_row
@@ -37,6 +33,14 @@ from anomalib_apc.benchmark.data import (
     describe_datamodule_mismatch,
     make_datamodule,
     resolve_categories,
+)
+from anomalib_apc.benchmark.engines import (
+    check_devices,
+    engine,
+    fit_and_test,
+    fits_on_all_devices,
+    is_main_process,
+    scratch_output,
 )
 from anomalib_apc.benchmark.finetuning_reuse import derive_and_test, derived_rows
 from anomalib_apc.benchmark.meter import RunMeter, warm_up
@@ -61,7 +65,6 @@ from anomalib_apc.data import SupervisedMVTecAD
 from anomalib_apc.errors import InterruptedRunError, InvalidInputError, OutputExistsError
 from anomalib_apc.models import AnomalousPatchCore
 from anomalib_apc.models.apc.init_weights import PretrainedWeightsUnavailableError, create_encoder_backbone
-from anomalib_apc.models.apc.normal_images import normal_training_dataloader
 
 logger = logging.getLogger(__name__)
 
@@ -83,14 +86,17 @@ def run_benchmark(
     settings = replace(settings, baselines=tuple(dict.fromkeys(baseline_row(name) for name in settings.baselines)))
     variants = select_variants(settings.variants)
     check_variant_arguments(variants)
-    refuse_existing_output(settings)
-    categories = resolve_categories(settings)
+    main = is_main_process()  # with --devices N, ranks 1..N-1 re-run this to join APC's fits (see engines)
+    if main:
+        refuse_existing_output(settings)
+    check_devices(settings)
+    categories = resolve_categories(settings, write_demo_dataset=main)
     initialisation = resolve_initialisation(settings)
     notices = [initialisation.notice] if initialisation.notice else []
     variants, skipped = split_off_unavailable_variants(settings, initialisation, variants)
     notices += skipped
     settings = replace(settings, variants=tuple(variant.name for variant in variants))
-    for notice in notices:
+    for notice in notices if main else []:
         logger.warning(notice)
     models = build_models(settings, initialisation, settings.seeds[0], variants)  # all can be built, before training
     reused = [name for name in models if name in derived_rows(models)]
@@ -98,16 +104,18 @@ def run_benchmark(
         skipped.append(f"Rows {', '.join(reused)} reuse APC's fine-tuning of the same seed: they differ from APC only "
                        "in arguments fine-tuning never reads; each builds its own memory bank, and its fine-tuning "
                        "time is APC's.")
-    clear_earlier_results(settings)
-    result = BenchmarkResult(settings, initialisation, describe_device(settings.device), notices=skipped)
+    if main:
+        clear_earlier_results(settings)
+    result = BenchmarkResult(settings, initialisation, describe_device(settings), notices=skipped)
     jobs = [(data, seed) for data in categories for seed in settings.seeds]
-    progress = tqdm(jobs, desc="Benchmark", unit="split")
-    for data, seed in progress:
-        progress.set_postfix_str(f"{data.category}, seed {seed}")
-        split = run_split(settings, initialisation, data, seed, variants)
-        result.splits.append(split)
-        if on_split_done is not None:
-            on_split_done(result)
+    progress = tqdm(jobs, desc="Benchmark", unit="split", disable=not main)
+    with scratch_output(settings) as output:
+        for data, seed in progress:
+            progress.set_postfix_str(f"{data.category}, seed {seed}")
+            split = run_split(replace(settings, output=output), initialisation, data, seed, variants)
+            result.splits.append(split)
+            if on_split_done is not None and main:
+                on_split_done(result)
     return result
 
 
@@ -172,11 +180,16 @@ def clear_earlier_results(settings: BenchmarkSettings) -> None:
             path.unlink()
 
 
-def describe_device(accelerator: str) -> str:
-    """The device the runs use, as the report names it next to the timings."""
+def describe_device(settings: BenchmarkSettings) -> str:
+    """The device the runs use, as the report names it next to the timings, and the devices APC fine-tuned on."""
+    accelerator = settings.device
     if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
-        return f"{accelerator}: {torch.cuda.get_device_name()}"
-    return f"{accelerator}: CPU, {torch.get_num_threads()} threads"
+        device = f"{accelerator}: {torch.cuda.get_device_name()}"
+    else:
+        device = f"{accelerator}: CPU, {torch.get_num_threads()} threads"
+    if settings.devices == 1:
+        return device
+    return f"{device}; the APC rows fine-tuned on {settings.devices} devices (Lightning DDP), every model tested on one"
 
 
 def run_split(
@@ -192,7 +205,7 @@ def run_split(
     Each APC row gets its own datamodule, built with the same split arguments and its variant's
     overrides; the baselines share one. A model that fails is recorded with its error and the others
     still run. The models' test sets are compared at the end; a difference marks every run of the
-    split as failed.
+    split as failed. With ``devices`` > 1, ranks other than 0 only fit the APC rows and return no runs.
     """
     split_dir = settings.output / RUNS_DIR / _slug(data.category) / f"seed{seed}"
     seed_everything(seed, workers=True)
@@ -200,29 +213,36 @@ def run_split(
     warm_up(models[APC], settings)
     datamodules = make_datamodules(settings, data, seed, variants)
     apc_datamodule, baseline_datamodule = datamodules[APC], datamodules[BASELINES]
+    main = is_main_process()
     derived = derived_rows(models)
     runs: list[ModelRun] = []
     meters: dict[str, RunMeter] = {}
     for name, model in models.items():
+        if not main and (name in derived or not fits_on_all_devices(settings, model)):
+            continue  # rank 0 alone fits the baselines and derives rows from APC's fine-tuning
         meter = RunMeter()
         run = ModelRun(model=name, category=data.category, seed=seed)
         try:
             seed_everything(seed, workers=True)
-            engine = _engine(settings, split_dir / _slug(name), meter)
             datamodule = datamodules.get(name, baseline_datamodule)
             if name in derived:
-                metrics, memory_bank_s = derive_and_test(model, models[APC], runs, engine, datamodule)
+                tester = engine(settings, split_dir / _slug(name), meter)
+                metrics, memory_bank_s = derive_and_test(model, models[APC], runs, tester, datamodule)
                 _fill_run(run, model, metrics, meter)
                 run.finetune_s, run.memory_bank_s = next(r.finetune_s for r in runs if r.model == APC), memory_bank_s
             else:
-                _fill_run(run, model, _fit_and_test(model, engine, datamodule), meter)
+                metrics = fit_and_test(settings, model, datamodule, split_dir / _slug(name), meter)
+                if metrics is None:
+                    continue  # another rank's share of a DDP fit: rank 0 tests and records it
+                _fill_run(run, model, metrics, meter)
             meters[name] = meter
         except InterruptedRunError:
             raise  # a stopped run ends the whole benchmark, it is no model's failure
         except Exception as error:  # one failing model must not lose the others' results
             logger.exception("%s failed on %s, seed %d", name, data.category, seed)
             run.error = f"{type(error).__name__}: {error}"
-        runs.append(run)
+        if main:
+            runs.append(run)
 
     finished = [run for run in runs if run.ok]
     others = [module for row, module in datamodules.items() if row != APC]
@@ -253,39 +273,6 @@ def make_datamodules(
     for variant in variants:
         datamodules[variant_row(variant.name)] = make_datamodule(settings, data, seed, **variant.data_arguments)
     return datamodules
-
-
-def _fit_and_test(model: AnomalibModule, engine: Engine, datamodule: SupervisedMVTecAD) -> dict[str, float]:
-    """Train one model on its view of the split and return the evaluator's test metrics.
-
-    APC (and each variant) trains on the whole supervised datamodule (its memory bank reads the normal
-    images itself); a baseline trains one-class, on the real normal training images only. All test
-    on the test split.
-    """
-    if isinstance(model, AnomalousPatchCore):
-        engine.fit(model, datamodule=datamodule)
-        return engine.test(model, datamodule=datamodule, verbose=False)[0]
-    datamodule.setup()
-    engine.fit(model, train_dataloaders=normal_training_dataloader(datamodule))
-    return engine.test(model, dataloaders=datamodule.test_dataloader(), verbose=False)[0]
-
-
-def _engine(settings: BenchmarkSettings, root_dir: Path, meter: RunMeter) -> Engine:
-    """anomalib's Engine without logger, checkpoint files or the validation pass.
-
-    Progress is shown with tqdm bars, like the models' own embedding and coreset bars: Lightning's
-    default rich bar redirects the output streams, and a tqdm bar written into that redirection
-    inside Jupyter recurses until it fails (Textualize/rich#3390).
-    """
-    return Engine(
-        default_root_dir=root_dir,
-        logger=False,
-        callbacks=[meter, ModelCheckpoint(save_top_k=0), TQDMProgressBar()],
-        accelerator=settings.device,
-        max_epochs=settings.finetune_epochs,  # for a trained baseline; memory-bank models and APC set their own
-        limit_val_batches=0,
-        enable_model_summary=False,
-    )
 
 
 def _fill_run(run: ModelRun, model: AnomalibModule, metrics: dict[str, float], meter: RunMeter) -> None:

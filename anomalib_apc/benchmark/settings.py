@@ -243,6 +243,17 @@ class BenchmarkSettings:
         ),
     )
     device: str = field(default="auto", metadata=cli("Lightning accelerator: auto, cpu, gpu, ...", RUN))
+    devices: int = field(
+        default=1,
+        metadata=cli(
+            "fine-tune APC and its variants on N devices of --device with Lightning's DDP (one process per "
+            "device, re-running this command; CPU processes use gloo); the baselines and every test run on one "
+            "device in the first process, so the metrics cover the whole test set once",
+            RUN,
+            type=int,
+            metavar="N",
+        ),
+    )
     num_workers: int = field(default=0, metadata=cli("dataloader worker processes", RUN, type=int))
 
     def resolved(self) -> "BenchmarkSettings":
@@ -266,6 +277,9 @@ class BenchmarkSettings:
             raise InvalidInputError(msg)
         if not self.seeds:
             msg = "Give at least one seed (--seeds)."
+            raise InvalidInputError(msg)
+        if self.devices < 1:
+            msg = f"--devices takes a number of devices, 1 or more, got {self.devices}."
             raise InvalidInputError(msg)
         if not self.baselines:
             msg = "Give at least one baseline (--baselines), e.g. Patchcore."

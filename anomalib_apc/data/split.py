@@ -12,7 +12,8 @@ anomaly (:class:`.train_dataset.SupervisedTrainDataset`); with ``basic_augmentat
 sample, real or CutPaste, is then flipped, warped slightly and jittered in colour, image and mask alike
 (:class:`.basic_augmentation.BasicAugmentation`, the paper's basic augmentations). The model's memory
 bank reads :meth:`SupervisedSplitMixin.normal_train_dataloader`, which serves the real normal training
-images only, never augmented by either.
+images only, never augmented by either; so does ``train_dataloader`` for a model that does not declare it
+trains on anomalies (:mod:`.training_view`), e.g. anomalib's ``Patchcore``.
 
 The chosen anomalies are recorded (:attr:`SupervisedSplitMixin.supervised_anomaly_paths`, and
 ``supervised_split.json`` in the trainer's ``default_root_dir``), so that a baseline can be
@@ -38,6 +39,7 @@ from anomalib_apc.data.cutpaste import CutPaste
 from anomalib_apc.data.image_dataset import ImageFileDataset
 from anomalib_apc.data.sampler import ContiguousShardSampler, TrainDrawSampler
 from anomalib_apc.data.train_dataset import SupervisedTrainDataset, cutpaste_source_indices
+from anomalib_apc.data.training_view import TRAINS_ON_ANOMALIES, attached_model, trains_on_anomalous_images
 from anomalib_apc.data.validation import check_image_files
 from anomalib_apc.errors import InvalidInputError
 
@@ -167,10 +169,20 @@ class SupervisedSplitMixin:
     def train_dataloader(self) -> DataLoader:
         """Training batches with real anomalies, balanced sampling, CutPaste and basic augmentations.
 
-        With ``num_anomalies=0`` these are anomalib's own one-class batches, none of the above.
+        Served to a model that declares it trains on anomalies, or read without a model attached; any other
+        model gets :meth:`normal_train_dataloader`, the one-class view (see :mod:`.training_view`). With
+        ``num_anomalies=0`` these are anomalib's own one-class batches, none of the above.
         """
         if self.num_anomalies == 0:
             return super().train_dataloader()  # type: ignore[misc]
+        model = attached_model(self.trainer)
+        if model is not None and not trains_on_anomalous_images(model):
+            logger.info("%s does not declare %s: %s serves it the normal training images only (one-class view).",
+                        type(model).__name__, TRAINS_ON_ANOMALIES, self.name)
+            return self.normal_train_dataloader()
+        if model is not None:
+            logger.info("%s trains on anomalous images: %s serves it the supervised training batches.",
+                        type(model).__name__, self.name)
         dataset = SupervisedTrainDataset(
             self.train_data,
             self.cutpaste,

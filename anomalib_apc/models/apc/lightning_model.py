@@ -114,6 +114,9 @@ class AnomalousPatchCore(MemoryBankMixin, AnomalibModule):
         visualizer: Visualizer instance or flag to use the default.
     """
 
+    trains_on_anomalous_images = True
+    """Asks the supervised datamodules for their training batches with anomalies (anomalib_apc.data.training_view)."""
+
     def __init__(
         self,
         backbone: str = "resnet50",
