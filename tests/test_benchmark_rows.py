@@ -252,14 +252,20 @@ def test_variants_and_baselines_run_on_the_same_split(tiny_dataset, tmp_path: Pa
         finetune_epochs=1,
         pre_trained=False,
         train_batch_size=4,
-        variants=("tasks-cls",),
+        variants=("tasks-cls", "seg-fusion"),
         baselines=("Patchcore", "MHPatchcore"),
         output=tmp_path / "out",
     )
     result = run_benchmark(settings)
     assert result.failures == []
     runs = {run.model: run for run in result.runs}
-    assert list(runs) == [PATCHCORE, "MHPatchcore", APC, "APC tasks-cls"]
+    assert list(runs) == [PATCHCORE, "MHPatchcore", APC, "APC tasks-cls", "APC seg-fusion"]
+    # seg-fusion is derived from APC's fine-tuning: the same image scores, other maps, APC's fine-tuning time
+    fused, apc = runs["APC seg-fusion"], runs[APC]
+    assert fused.metrics["image_AUROC"] == apc.metrics["image_AUROC"]
+    assert fused.metrics["pixel_AUROC"] != apc.metrics["pixel_AUROC"]
+    assert fused.finetune_s == apc.finetune_s
+    assert any("APC seg-fusion reuse APC's fine-tuning" in notice for notice in result.notices)
     reference = runs[APC].test_image_paths
     assert len(reference) == tiny_dataset.test_normal + tiny_dataset.test_anomalous - 10
     assert all(run.test_image_paths == reference for run in runs.values())
