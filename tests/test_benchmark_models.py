@@ -130,8 +130,10 @@ class SlowFitPatchcore(SeededPatchcore):
     FIT_DELAY_S = 0.3
 
     def fit(self) -> None:
+        started = time.perf_counter()
         time.sleep(self.FIT_DELAY_S)
         super().fit()
+        self.fit_duration_s = time.perf_counter() - started
 
 
 def test_meter_times_the_memory_bank_fit_apart_from_the_training_pass(tiny_dataset, tmp_path: Path) -> None:
@@ -147,6 +149,11 @@ def test_meter_times_the_memory_bank_fit_apart_from_the_training_pass(tiny_datas
     datamodule = _datamodule(tiny_dataset)
     datamodule.setup()
     meter = RunMeter()
+    started = time.perf_counter()
     _engine(tmp_path, [meter]).fit(patchcore, train_dataloaders=normal_training_dataloader(datamodule))
-    assert SlowFitPatchcore.FIT_DELAY_S <= meter.fit_s < SlowFitPatchcore.FIT_DELAY_S + 2  # the coreset of 768 rows
-    assert meter.training_pass_s > 0
+    whole_fit_s = time.perf_counter() - started
+    # relations only, so that a loaded machine cannot fail it: the memory-bank fit lies within fit_s, and
+    # it is not counted again in the training pass (their sum stays within the whole Engine.fit)
+    assert patchcore.fit_duration_s >= SlowFitPatchcore.FIT_DELAY_S
+    assert patchcore.fit_duration_s <= meter.fit_s
+    assert 0 < meter.training_pass_s and meter.training_pass_s + meter.fit_s <= whole_fit_s
