@@ -20,7 +20,6 @@ from anomalib_apc.data import SupervisedMVTecAD
 from anomalib_apc.errors import InvalidInputError
 from anomalib_apc.models import AnomalousPatchCore
 from anomalib_apc.models.apc.arguments import POST_FINETUNING_ARGUMENTS
-from anomalib_apc.models.apc.memory_bank import build_memory_bank_on_all_ranks
 from anomalib_apc.models.apc.normal_images import normal_training_dataloader
 
 
@@ -56,16 +55,7 @@ def derive_from_apc(variant: AnomalousPatchCore, apc: AnomalousPatchCore, datamo
     variant.load_state_dict(apc.state_dict())
     variant.eval()
     datamodule.setup()
-    build_memory_bank_on_all_ranks(
-        variant.model,
-        normal_training_dataloader(datamodule),
-        getattr(variant.pre_processor, "transform", None),
-        variant.coreset_sampling_ratio,
-        variant.coreset_seed,
-        variant.device,
-        between_batches=lambda: None,
-        reestimate_batchnorm=variant.reestimate_batchnorm,
-    )
+    variant.build_memory_bank(normal_training_dataloader(datamodule))
 
 
 def derive_and_test(
@@ -74,16 +64,17 @@ def derive_and_test(
     earlier_runs: Sequence[ModelRun],
     engine: Engine,
     datamodule: SupervisedMVTecAD,
-) -> tuple[dict[str, float], float]:
-    """Test a derived row: its test metrics, and the seconds its phase 2 took.
+) -> tuple[dict[str, float], float, float]:
+    """Test a derived row: its test metrics, its fine-tuning time (APC's) and the seconds its phase 2 took.
 
     Raises:
         InvalidInputError: APC's own run failed (or has not run), so there is nothing to reuse.
     """
-    if not any(run.model == APC and run.ok for run in earlier_runs):
+    apc_run = next((run for run in earlier_runs if run.model == APC and run.ok), None)
+    if apc_run is None:
         msg = f"{APC} failed, so there is no fine-tuning to reuse"
         raise InvalidInputError(msg)
     started = time.perf_counter()
     derive_from_apc(variant, apc, datamodule)
     memory_bank_s = time.perf_counter() - started
-    return engine.test(variant, datamodule=datamodule, verbose=False)[0], memory_bank_s
+    return engine.test(variant, datamodule=datamodule, verbose=False)[0], apc_run.finetune_s, memory_bank_s

@@ -227,9 +227,9 @@ def run_split(
             datamodule = datamodules.get(name, baseline_datamodule)
             if name in derived:
                 tester = engine(settings, split_dir / _slug(name), meter)
-                metrics, memory_bank_s = derive_and_test(model, models[APC], runs, tester, datamodule)
+                metrics, finetune_s, memory_bank_s = derive_and_test(model, models[APC], runs, tester, datamodule)
                 _fill_run(run, model, metrics, meter)
-                run.finetune_s, run.memory_bank_s = next(r.finetune_s for r in runs if r.model == APC), memory_bank_s
+                run.finetune_s, run.memory_bank_s = finetune_s, memory_bank_s
             else:
                 metrics = fit_and_test(settings, model, datamodule, split_dir / _slug(name), meter)
                 if metrics is None:

@@ -266,14 +266,15 @@ class ApcInferencer:
 
     def embed(self, model_inputs: torch.Tensor) -> np.ndarray:
         """Patch rows ``(B, h, w, D)`` of pre-processed images, from the OpenVINO graph."""
-        return self.graph(np.ascontiguousarray(model_inputs.numpy(), dtype=np.float32))[0]
+        return self.graph(_graph_input(model_inputs))[0]
 
     def score(self, model_inputs: torch.Tensor) -> InferenceBatch:
         """Raw PatchCore scores ``(B,)`` and anomaly maps ``(B, 1, H, W)`` of pre-processed images.
 
         The same values as ``AnomalousPatchCoreModel`` returns in eval mode, before normalisation.
         """
-        patches = self.embed(model_inputs)
+        graph_input = _graph_input(model_inputs)
+        patches = self.graph(graph_input)[0]
         batch_size, height, width, dim = patches.shape
         rows = patches.reshape(-1, dim)
         squared_distances, nearest_ids = self.search.nearest(rows)
@@ -282,8 +283,7 @@ class ApcInferencer:
         pred_score = self.scoring.image_scores(patch_scores, locations, torch.from_numpy(rows))
         anomaly_map = self.anomaly_map_generator(patch_scores.reshape(batch_size, 1, height, width), self.image_size)
         if self.defect_graph is not None:  # segmentation_fusion: as AnomalousPatchCoreModel.forward
-            inputs = np.ascontiguousarray(model_inputs.numpy(), dtype=np.float32)
-            probability = torch.from_numpy(self.defect_graph(inputs)[0])
+            probability = torch.from_numpy(self.defect_graph(graph_input)[0])
             anomaly_map = anomaly_map * probability.pow(self.metadata.segmentation_fusion)
         return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
 
@@ -322,3 +322,8 @@ class ApcInferencer:
             anomaly_map=result.anomaly_map,
             pred_mask=result.pred_mask,
         )
+
+
+def _graph_input(model_inputs: torch.Tensor) -> np.ndarray:
+    """Pre-processed images as the OpenVINO graphs take them: a contiguous float32 array."""
+    return np.ascontiguousarray(model_inputs.numpy(), dtype=np.float32)

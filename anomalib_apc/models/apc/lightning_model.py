@@ -23,7 +23,7 @@ Example:
 """
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,7 @@ from anomalib.visualization import Visualizer
 from lightning.pytorch import Callback
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
+from torch.utils.data import DataLoader
 
 from anomalib_apc.errors import InvalidInputError
 
@@ -311,26 +312,33 @@ class AnomalousPatchCore(MemoryBankMixin, AnomalibModule):
     def fit(self) -> None:
         """Phase 2: the memory bank from the normal training images and the fine-tuned encoder.
 
-        See :mod:`.memory_bank` (one device or several); a SIGTERM stops it between batches and
-        before the coreset (see :mod:`.interruption`).
+        A SIGTERM stops it between batches and before the coreset (see :mod:`.interruption`).
         """
         self._activity = "phase 2 (building the memory bank from the normal training images)"
-        was_training = self.model.training
-        self.model.eval()
         datamodule = getattr(self.trainer, "datamodule", None)
         fallback = self.trainer.train_dataloader if datamodule is None else None
+        self.build_memory_bank(normal_training_dataloader(datamodule, fallback=fallback),
+                               between_batches=partial(stop_if_terminated, self.trainer, self._activity))
+        self._activity = None
+
+    def build_memory_bank(self, normal_images: DataLoader, between_batches: Callable[[], None] = lambda: None) -> None:
+        """Phase 2 under this model's arguments on ``normal_images``, in eval mode (see :mod:`.memory_bank`).
+
+        ``fit`` calls it with the trainer's data; it also serves a model given fine-tuned weights from elsewhere.
+        """
+        was_training = self.model.training
+        self.model.eval()
         build_memory_bank_on_all_ranks(
             self.model,
-            normal_training_dataloader(datamodule, fallback=fallback),
+            normal_images,
             getattr(self.pre_processor, "transform", None),
             self.coreset_sampling_ratio,
             self.coreset_seed,
             self.device,
-            between_batches=partial(stop_if_terminated, self.trainer, self._activity),
+            between_batches=between_batches,
             reestimate_batchnorm=self.reestimate_batchnorm,
         )
         self.model.train(was_training)
-        self._activity = None
 
     def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """PatchCore scores and anomaly maps for the batch, in float32 (see :mod:`.precision`)."""
