@@ -4,7 +4,9 @@ import pytest
 import torch
 from conftest import tiny_apc_model
 
-from anomalib_apc.benchmark.finetuning_reuse import derive_from_apc, reuses_apc_finetuning
+from anomalib_apc.benchmark.finetuning_reuse import derive_from_apc, derived_rows, reuses_apc_finetuning
+from anomalib_apc.benchmark.settings import APC, variant_row
+from anomalib_apc.benchmark.variants import select_variants
 from anomalib_apc.data import SupervisedMVTecAD
 
 pytestmark = pytest.mark.integration
@@ -52,3 +54,13 @@ def test_only_variants_that_fine_tune_identically_reuse_apc(
 ) -> None:
     apc = tiny_apc_model(**apc_arguments)
     assert reuses_apc_finetuning(tiny_apc_model(**variant_arguments), apc) is reuses
+
+
+def test_a_variant_that_changes_the_training_data_fine_tunes_itself() -> None:
+    """``no-cutpaste`` has APC's model arguments but other batches: reusing APC's weights would copy APC's row."""
+    variants = select_variants(("no-cutpaste", "bn-reestimate"))
+    assert variants[0].data_arguments and not variants[0].model_arguments
+    models = {APC: tiny_apc_model()} | {
+        variant_row(variant.name): tiny_apc_model(**variant.model_arguments) for variant in variants
+    }
+    assert derived_rows(models, variants) == {variant_row("bn-reestimate")}

@@ -2,7 +2,9 @@
 
 Fine-tuning is deterministic for a given seed (the same initial weights, batches and CutPaste
 draws), so a variant that only changes how the memory bank's statistics are taken or how the map
-is made (``POST_FINETUNING_ARGUMENTS``) would fine-tune to exactly APC's weights. Such a row takes
+is made (``POST_FINETUNING_ARGUMENTS``) and leaves the datamodule as APC's would fine-tune to
+exactly APC's weights. A variant with datamodule overrides (``no-cutpaste``) trains on other
+batches, so it always fine-tunes itself. Such a row takes
 APC's fine-tuned state and builds its own memory bank under its own arguments: it costs a phase 2
 and a test instead of a whole fine-tuning, with the same result (``tests/test_finetuning_reuse.py``
 compares it with the variant trained from scratch).
@@ -15,7 +17,8 @@ from anomalib.engine import Engine
 from anomalib.models.components import AnomalibModule
 
 from anomalib_apc.benchmark.results import ModelRun
-from anomalib_apc.benchmark.settings import APC
+from anomalib_apc.benchmark.settings import APC, variant_row
+from anomalib_apc.benchmark.variants import Variant
 from anomalib_apc.data import SupervisedMVTecAD
 from anomalib_apc.errors import InvalidInputError
 from anomalib_apc.models import AnomalousPatchCore
@@ -23,12 +26,18 @@ from anomalib_apc.models.apc.arguments import POST_FINETUNING_ARGUMENTS
 from anomalib_apc.models.apc.normal_images import normal_training_dataloader
 
 
-def derived_rows(models: dict[str, AnomalibModule]) -> set[str]:
-    """The variant rows of ``models`` (row -> model, APC among them) that reuse APC's fine-tuning."""
+def derived_rows(models: dict[str, AnomalibModule], variants: Sequence[Variant]) -> set[str]:
+    """The variant rows of ``models`` (row -> model, APC among them) that reuse APC's fine-tuning.
+
+    ``variants`` are the rows' configs: one that overrides datamodule arguments never reuses, whatever
+    its model arguments, since its fine-tuning batches are not APC's.
+    """
     apc = models[APC]
+    other_training_data = {variant_row(variant.name) for variant in variants if variant.data_arguments}
     return {
         name for name, model in models.items()
-        if name != APC and isinstance(model, AnomalousPatchCore) and reuses_apc_finetuning(model, apc)
+        if name != APC and name not in other_training_data and isinstance(model, AnomalousPatchCore)
+        and reuses_apc_finetuning(model, apc)
     }
 
 

@@ -99,7 +99,7 @@ def run_benchmark(
     for notice in notices if main else []:
         logger.warning(notice)
     models = build_models(settings, initialisation, settings.seeds[0], variants)  # all can be built, before training
-    reused = [name for name in models if name in derived_rows(models)]
+    reused = [name for name in models if name in derived_rows(models, variants)]
     if reused:
         skipped.append(f"Rows {', '.join(reused)} reuse APC's fine-tuning of the same seed: they differ from APC only "
                        "in arguments fine-tuning never reads; each builds its own memory bank, and its fine-tuning "
@@ -214,7 +214,7 @@ def run_split(
     datamodules = make_datamodules(settings, data, seed, variants)
     apc_datamodule, baseline_datamodule = datamodules[APC], datamodules[BASELINES]
     main = is_main_process()
-    derived = derived_rows(models)
+    derived = derived_rows(models, variants)
     runs: list[ModelRun] = []
     meters: dict[str, RunMeter] = {}
     for name, model in models.items():
