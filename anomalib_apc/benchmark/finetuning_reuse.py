@@ -3,11 +3,11 @@
 Fine-tuning is deterministic for a given seed (the same initial weights, batches and CutPaste
 draws), so a variant that only changes how the memory bank's statistics are taken or how the map
 is made (``POST_FINETUNING_ARGUMENTS``) and leaves the datamodule as APC's would fine-tune to
-exactly APC's weights. A variant with datamodule overrides (``no-cutpaste``) trains on other
-batches, so it always fine-tunes itself. Such a row takes
-APC's fine-tuned state and builds its own memory bank under its own arguments: it costs a phase 2
-and a test instead of a whole fine-tuning, with the same result (``tests/test_finetuning_reuse.py``
-compares it with the variant trained from scratch).
+exactly APC's weights. Such a row takes APC's fine-tuned state and builds its own memory bank
+under its own arguments: it costs a phase 2 and a test instead of a whole fine-tuning, with the
+same result (``tests/test_finetuning_reuse.py`` compares it with the variant trained from
+scratch). A variant with datamodule overrides (``no-cutpaste``) trains on other batches, so it
+always fine-tunes itself.
 """
 
 import time

@@ -99,7 +99,8 @@ def run_benchmark(
     for notice in notices if main else []:
         logger.warning(notice)
     models = build_models(settings, initialisation, settings.seeds[0], variants)  # all can be built, before training
-    reused = [name for name in models if name in derived_rows(models, variants)]
+    derived = derived_rows(models, variants)
+    reused = [name for name in models if name in derived]
     if reused:
         skipped.append(f"Rows {', '.join(reused)} reuse APC's fine-tuning of the same seed: they differ from APC only "
                        "in arguments fine-tuning never reads; each builds its own memory bank, and its fine-tuning "
