@@ -295,3 +295,15 @@ def test_large_sets_are_checked_with_a_progress_bar(tmp_path, capsys, count) -> 
     check_image_files(samples, "many", num_threads=2)
     shown = capsys.readouterr().err
     assert (f"{count}/{count}" in shown and "many: decoding images" in shown) == (count >= PROGRESS_BAR_MIN_FILES)
+
+
+def test_anomalous_images_with_all_zero_masks_are_counted_and_named_at_set_up(tiny_dataset_copy, caplog) -> None:
+    masks = sorted((tiny_dataset_copy.category_dir / "ground_truth").rglob("*_mask.png"))[:2]
+    for mask in masks:
+        with Image.open(mask) as image:
+            Image.new(image.mode, image.size, 0).save(mask)
+    with caplog.at_level(logging.WARNING, logger="anomalib_apc.data"):
+        set_up(tiny_dataset_copy, num_anomalies=5)
+    assert "2 anomalous image(s) have an all-zero mask" in caplog.text
+    for mask in masks:
+        assert mask.name.removesuffix("_mask.png") in caplog.text

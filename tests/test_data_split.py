@@ -196,15 +196,14 @@ def test_cli_parser_reaches_every_knob_by_short_class_name(tiny_dataset) -> None
 
 
 def test_more_anomalies_than_available_is_an_error(tiny_dataset) -> None:
-    with pytest.raises(ValueError, match="num_anomalies=16 is more than the 15 anomalous images"):
+    with pytest.raises(ValueError, match="num_anomalies=16 would take all 15 anomalous images"):
         set_up(tiny_dataset, num_anomalies=16)
 
 
-def test_all_anomalies_is_allowed_with_a_warning(tiny_dataset, caplog) -> None:
-    with caplog.at_level(logging.WARNING, logger="anomalib_apc.data"):
-        datamodule = set_up(tiny_dataset, num_anomalies=tiny_dataset.test_anomalous)
-    assert "the test set keeps none" in caplog.text
-    assert not datamodule.test_data.has_anomalous
+def test_all_anomalies_is_an_error_as_more_is(tiny_dataset) -> None:
+    with pytest.raises(ValueError, match=r"num_anomalies=15 would take all 15 anomalous images .* test set none"):
+        set_up(tiny_dataset, num_anomalies=tiny_dataset.test_anomalous)
+    assert set_up(tiny_dataset, num_anomalies=tiny_dataset.test_anomalous - 1).test_data.has_anomalous
 
 
 def test_missing_category_folder_is_named_instead_of_downloading(tmp_path: Path) -> None:

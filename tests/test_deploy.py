@@ -24,6 +24,7 @@ from anomalib_apc.cli import main as apc_main
 from anomalib_apc.data import SupervisedMVTecAD
 from anomalib_apc.deploy import ApcInferencer, ImageReadError, compare_with_model, export_bundle, read_metadata
 from anomalib_apc.deploy.images import list_image_files, read_image_file
+from anomalib_apc.deploy.metadata import sealed
 from anomalib_apc.deploy.options import APPROXIMATE_INDEX_TYPES
 from anomalib_apc.deploy.search import BoundedExactSearch, BoundProjection, BruteForceSearch
 from anomalib_apc.deploy.search_export import approximate_index_recipe, held_out_recall, held_out_split, measure_bound
@@ -81,21 +82,21 @@ def test_bundle_holds_graph_indexes_and_metadata(bundle: Path, trained) -> None:
     model, checkpoint = trained
     metadata = read_metadata(bundle)
     assert {path.name for path in bundle.iterdir()} == {"metadata.json", *metadata.files()}
-    assert metadata.backbone == "resnet18"
-    assert metadata.layers == ["layer2", "layer3"]
+    provenance = metadata.provenance
+    assert provenance["backbone"] == "resnet18"
+    assert provenance["layers"] == ["layer2", "layer3"]
     assert metadata.num_neighbors == 9
     assert metadata.image_size == (IMAGE_SIZE, IMAGE_SIZE)
     assert metadata.feature_map_size == (IMAGE_SIZE // 8, IMAGE_SIZE // 8)
     assert metadata.embedding_dim == 128 + 256
     assert metadata.memory_bank_size == model.model.memory_bank.shape[0]
-    assert metadata.normalization == {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
-    assert metadata.source_checkpoint["path"] == str(checkpoint)
-    assert metadata.source_checkpoint["sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
-    assert metadata.source_checkpoint["global_step"] > 0
+    assert provenance["source_checkpoint"]["path"] == str(checkpoint)
+    assert provenance["source_checkpoint"]["sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    assert provenance["source_checkpoint"]["global_step"] > 0
     assert set(metadata.checksums) == set(metadata.files())
     memory_bank_digest = hashlib.sha256((bundle / "memory_bank.faiss").read_bytes()).hexdigest()
     assert metadata.checksums["memory_bank.faiss"] == memory_bank_digest
-    assert set(metadata.versions) == {"anomalib_apc", "anomalib", "openvino", "faiss", "torch"}
+    assert set(provenance["versions"]) == {"anomalib_apc", "anomalib", "openvino", "faiss", "torch"}
     state = metadata.post_processor["state"]
     assert state["_image_threshold"] == pytest.approx(float(model.post_processor.image_threshold))
     assert state["image_max"] == pytest.approx(float(model.post_processor.image_max))
@@ -103,7 +104,7 @@ def test_bundle_holds_graph_indexes_and_metadata(bundle: Path, trained) -> None:
         assert metadata.exact_search["dim"] == metadata.embedding_dim // 6
         assert metadata.exact_search["measured_speedup_vs_brute_force"] > 1
     assert metadata.approximate_search is None
-    assert metadata.verification["labels_equal"] is True
+    assert provenance["verification"]["labels_equal"] is True
     index = faiss.read_index(str(bundle / "memory_bank.faiss"))
     assert isinstance(index, faiss.IndexFlatL2)
     np.testing.assert_array_equal(faiss.rev_swig_ptr(index.get_xb(), index.ntotal * index.d),
@@ -188,7 +189,7 @@ def test_approximate_index_records_its_recall(trained, tmp_path: Path, tiny_data
                                    eval_batch_size=8, num_workers=0, seed=0)
     path = export_bundle(model, tmp_path / "hnsw", index="hnsw", datamodule=datamodule)
     metadata = read_metadata(path)
-    assert metadata.verification["source"] == "calibration images"
+    assert metadata.provenance["verification"]["source"] == "calibration images"
     assert metadata.exact_search is None or metadata.exact_search["measured_on"] == "calibration image patches"
     search = metadata.approximate_search
     assert search["type"] == "hnsw"
@@ -240,9 +241,9 @@ def test_fp16_and_int8_bundles(trained, bundle: Path, tmp_path: Path, tiny_datas
     assert (fp16 / "embedding.bin").stat().st_size < 0.8 * (bundle / "embedding.bin").stat().st_size
     metadata = read_metadata(int8)
     assert metadata.precision == "int8"
-    assert "nncf" in metadata.versions
-    assert metadata.verification["source"] == "calibration images"
-    assert read_metadata(fp16).verification["max_relative_score_difference"] < 1e-2
+    assert "nncf" in metadata.provenance["versions"]
+    assert metadata.provenance["verification"]["source"] == "calibration images"
+    assert read_metadata(fp16).provenance["verification"]["max_relative_score_difference"] < 1e-2
     int8_scores = ApcInferencer(int8).predict(test_images).pred_score
     assert torch.isfinite(int8_scores).all()
 
@@ -268,8 +269,9 @@ def test_existing_output_is_not_overwritten_silently(trained, bundle: Path) -> N
 
 
 def _edit_metadata(bundle: Path, **changes: object) -> None:
+    """Change fields and seal the file again, as an exporter would: the checks behind the seal are under test."""
     path = bundle / "metadata.json"
-    path.write_text(json.dumps(json.loads(path.read_text()) | changes))
+    path.write_text(json.dumps(sealed(json.loads(path.read_text()) | changes)))
 
 
 def test_bundle_of_another_format_version_is_refused(bundle_copy: Path) -> None:

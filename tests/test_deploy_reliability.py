@@ -26,7 +26,8 @@ from PIL import Image
 
 from anomalib_apc.cli import main as apc_main
 from anomalib_apc.deploy import ApcInferencer, export_bundle, predict_folder, read_metadata
-from anomalib_apc.deploy.images import list_image_files, read_image_file
+from anomalib_apc.deploy.images import ImageReadError, list_image_files, read_image_file, to_image_tensors
+from anomalib_apc.deploy.metadata import sealed
 from anomalib_apc.deploy.search import ApproximateSearch, flat_vectors, nearest_candidate
 from anomalib_apc.deploy.search_export import (
     ApproximateIndexRecipe,
@@ -62,8 +63,9 @@ def bundle_copy(bundles: tuple[Path, Path], tmp_path: Path) -> Path:
 
 
 def _edit_metadata(bundle: Path, **changes: object) -> None:
+    """Change fields and seal the file again, as an exporter would: the checks behind the seal are under test."""
     path = bundle / "metadata.json"
-    path.write_text(json.dumps(json.loads(path.read_text()) | changes))
+    path.write_text(json.dumps(sealed(json.loads(path.read_text()) | changes)))
 
 
 @pytest.mark.integration
@@ -417,3 +419,222 @@ def test_fuzzed_mpdd_images_are_each_scored_or_named(bundles, mpdd_root: Path, t
     scored, failed = _fuzz(bundles[0], sources, FUZZ_FILES["mpdd"], tmp_path, capsys)
     print(f"fuzz (MPDD {MPDD_CATEGORY}): {scored} scored, {failed} named with their error")
     assert scored > 25 and failed > 25
+
+
+# Real images, real faults: resampled photos, refused images inside a batch, two runs into one folder,
+# an edited metadata.json, and inputs that used to pass silently or as raw tracebacks.
+
+def _saturated_photo(path: Path, size: tuple[int, int], seed: int) -> Path:
+    """An RGB photo-like image (bright, half of it white) that an antialiased resize takes just above 1.0."""
+    pixels = np.random.default_rng(seed).integers(200, 256, (size[1], size[0], 3), dtype=np.uint8)
+    pixels[: size[1] // 2] = 255
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+@pytest.mark.integration
+def test_resampled_photos_are_scored_not_refused(bundles, tmp_path: Path) -> None:
+    photos = [_saturated_photo(tmp_path / "in" / f"{n}.png", (97 + 13 * n, 71 + 7 * n), seed=n) for n in range(6)]
+    assert all(float(read_image_file(path, size=(IMAGE_SIZE, IMAGE_SIZE)).max()) == 1.0 for path in photos)
+    summary = predict_folder(bundles[0], [tmp_path / "in"], tmp_path / "out", batch_size=4, show_progress=False)
+    assert (summary.scored, summary.failures) == (6, [])
+    inferencer = ApcInferencer(bundles[0])
+    resampled = torch.nn.functional.interpolate(
+        torch.from_numpy(np.asarray(Image.open(photos[0]), dtype=np.float32) / 255).permute(2, 0, 1)[None],
+        size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", antialias=True)[0].clamp(min=0.0) * (1 + 5e-7)
+    assert float(resampled.max()) > 1.0
+    as_read = inferencer.predict([resampled.clamp(max=1.0)]).pred_score
+    torch.testing.assert_close(inferencer.predict([resampled]).pred_score, as_read)
+
+
+def test_a_float_image_really_outside_the_unit_range_is_refused_with_its_value() -> None:
+    image = np.full((8, 8, 3), 0.5, dtype=np.float32)
+    image[0, 0, 0] = 1.0001
+    with pytest.raises(InvalidInputError, match=r"image 0: a float image must lie in \[0, 1\].*1\.00010002\]"):
+        to_image_tensors([image])
+
+
+@pytest.mark.parametrize(("image", "message"), [
+    (np.full((8, 8, 3), np.nan, dtype=np.float32), r"image 0: 192 of 192 values are NaN or infinite"),
+    (np.full((8, 8), np.inf, dtype=np.float64), r"image 0: 64 of 64 values are NaN or infinite"),
+    (np.zeros((8, 8, 3), dtype=np.int64), r"image 0: int64 pixels .* no known range"),
+    (np.full((8, 8), 200, dtype=np.int32), r"image 0: int32 pixels \(values 200 to 200\)"),
+    (np.zeros((0, 0, 3), dtype=np.uint8), r"image 0: an empty image"),
+    (torch.zeros(3, 0, 5), r"image 0: an empty image"),
+])
+def test_images_that_used_to_be_scored_or_crash_are_refused_by_name(image: object, message: str) -> None:
+    with pytest.raises(InvalidInputError, match=message):
+        to_image_tensors([image])
+
+
+@pytest.mark.integration
+def test_predict_of_no_image_is_refused_by_name(bundles) -> None:
+    with pytest.raises(InvalidInputError, match="No image given"):
+        ApcInferencer(bundles[0]).predict([])
+
+
+class _RefusingInferencer(ApcInferencer):
+    """Refuses (as its input checks would) any batch holding a nearly white image."""
+
+    def prepare(self, images: list[torch.Tensor]) -> object:
+        if any(float(image.mean()) > 0.95 for image in images):
+            msg = "image 0: refused for the test"
+            raise ImageReadError(msg)
+        return super().prepare(images)
+
+
+@pytest.mark.integration
+def test_an_image_refused_inside_a_batch_costs_only_its_own_row(bundles, tmp_path: Path, capsys) -> None:
+    images = [_image(tmp_path / "in" / f"{n}.png", seed=n) for n in range(5)]
+    white = tmp_path / "in" / "2_white.png"
+    Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), "white").save(white)
+    summary = predict_folder(_RefusingInferencer(bundles[0]), [tmp_path / "in"], tmp_path / "out", batch_size=8,
+                             show_progress=False)
+    rows = _rows(tmp_path / "out")
+    assert [row["path"] for row in rows] == [str(path) for path in sorted([*images, white])]
+    refused = [row for row in rows if row["status"] != "ok"]
+    assert [row["path"] for row in refused] == [str(white)]
+    assert refused[0]["status"] == f"{white}: cannot be scored (ImageReadError: image 0: refused for the test)"
+    assert (summary.images, summary.scored, summary.failures) == (6, 5, [refused[0]["status"]])
+
+
+@pytest.mark.integration
+def test_predict_cli_says_how_many_failed(bundles, tmp_path: Path, capsys) -> None:
+    good, empty = _image(tmp_path / "in" / "a.png"), tmp_path / "in" / "b.png"
+    empty.write_bytes(b"")
+    status = apc_main(["predict", "--bundle", str(bundles[0]), "--output", str(tmp_path / "out"), str(tmp_path / "in")])
+    output = capsys.readouterr()
+    assert status == 1
+    assert "Scored 1 of 2 images, 1 failed" in output.out
+    assert "1 of 2 file(s) could not be scored" in output.err and str(empty) in output.err
+    assert [row["path"] for row in _rows(tmp_path / "out")] == [str(good), str(empty)]
+
+
+class _SecondRunInferencer(ApcInferencer):
+    """Starts a second prediction into the same output while the first one is scoring its first batch."""
+
+    def __init__(self, bundle: Path, images: list[Path], output: Path) -> None:
+        super().__init__(bundle)
+        self.images, self.output = images, output
+        self.second_run_error: Exception | None = None
+
+    def predict(self, images: list[torch.Tensor]) -> object:
+        if self.second_run_error is None:
+            try:
+                predict_folder(ApcInferencer(self.bundle), self.images[:1], self.output, overwrite=True,
+                               show_progress=False)
+            except OutputExistsError as error:
+                self.second_run_error = error
+        return super().predict(images)
+
+
+@pytest.mark.integration
+def test_a_second_run_into_a_folder_in_use_is_refused_and_leaves_the_first_intact(bundles, tmp_path: Path) -> None:
+    images = [_image(tmp_path / "in" / f"{n}.png", seed=n) for n in range(4)]
+    output = tmp_path / "out"
+    inferencer = _SecondRunInferencer(bundles[0], images, output)
+    summary = predict_folder(inferencer, images, output, batch_size=2, show_progress=False)
+    assert isinstance(inferencer.second_run_error, OutputExistsError)
+    assert "another predict is writing into this folder now" in str(inferencer.second_run_error)
+    assert summary.scored == 4
+    assert [row["path"] for row in _rows(output)] == [str(path) for path in images]
+    assert sorted(path.name for path in (output / "overlays").iterdir()) == [f"{n}.png.png" for n in range(4)]
+    assert sorted(path.name for path in output.iterdir()) == [".anomalib-apc.lock", "overlays", "scores.csv"]
+    again = predict_folder(bundles[0], images[:1], output, overwrite=True, show_progress=False)  # lock released
+    assert again.scored == 1
+
+
+@pytest.mark.integration
+def test_scores_file_is_replaced_whole_and_a_killed_runs_partial_file_is_replaced(bundles, tmp_path: Path) -> None:
+    images = [_image(tmp_path / "in" / f"{n}.png", seed=n) for n in range(3)]
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / ".scores.csv.partial").write_text("path,status\nhalf a ro")  # what a SIGKILL mid-write leaves
+    predict_folder(bundles[0], images, output, batch_size=1, overwrite=True, show_progress=False)
+    assert not (output / ".scores.csv.partial").exists()
+    assert [row["path"] for row in _rows(output)] == [str(path) for path in images]
+
+
+def _edited(value: object) -> object:
+    """Another value of the same kind, as a hand edit would make."""
+    if isinstance(value, bool) or value is None:
+        return not value
+    if isinstance(value, int | float):
+        return value + 1
+    if isinstance(value, str):
+        return value + "x"
+    if isinstance(value, list):
+        return [*value, value[0] if value else 0]
+    return {**value, "edited": 1}
+
+
+def _metadata_edits() -> list[tuple[str, ...]]:
+    """Every top-level field of a bundle's metadata.json, and every post-processor statistic."""
+    fields = ["num_neighbors", "image_size", "embedding_dim", "feature_map_size", "memory_bank_size", "precision",
+              "pre_processor", "post_processor", "anomaly_map_sigma", "segmentation_fusion", "exact_search",
+              "approximate_search", "checksums", "provenance", "format", "format_version", "architecture"]
+    statistics = ["_image_threshold", "_pixel_threshold", "image_min", "image_max", "pixel_min", "pixel_max"]
+    return [(name,) for name in fields] + [("post_processor", "state", name) for name in statistics]
+
+
+@pytest.fixture(scope="module")
+def labelled_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A bundle with a post-processor's thresholds and statistics, so that they too can be edited."""
+    model = AnomalousPatchCore(
+        backbone="resnet18", pre_trained=False, finetune_epochs=0, visualizer=False, seed=0,
+        pre_processor=AnomalousPatchCore.configure_pre_processor(image_size=(IMAGE_SIZE, IMAGE_SIZE)),
+    ).eval()
+    model.model.memory_bank = torch.randn(200, 384, generator=torch.Generator().manual_seed(0))
+    for name, value in {"_image_threshold": 2.0, "_pixel_threshold": 2.5, "image_min": 1.0, "image_max": 3.0,
+                        "pixel_min": 0.5, "pixel_max": 4.0}.items():
+        getattr(model.post_processor, name).fill_(value)
+    return export_bundle(model, tmp_path_factory.mktemp("labelled") / "bundle")
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("keys", _metadata_edits(), ids=lambda keys: ".".join(keys))
+def test_every_edit_of_the_metadata_is_refused(labelled_bundle: Path, tmp_path: Path, keys: tuple[str, ...]) -> None:
+    bundle = Path(shutil.copytree(labelled_bundle, tmp_path / "bundle"))
+    path = bundle / "metadata.json"
+    fields = json.loads(path.read_text())
+    ApcInferencer(bundle)  # loads as exported
+    parent = fields
+    for key in keys[:-1]:
+        parent = parent[key]
+    assert keys[-1] in parent, f"{'.'.join(keys)} is not in metadata.json"
+    parent[keys[-1]] = _edited(parent[keys[-1]])
+    path.write_text(json.dumps(fields, indent=2))
+    with pytest.raises(InvalidInputError, match=r"metadata\.json: .*(content_sha256|format|architecture)"):
+        ApcInferencer(bundle)
+
+
+@pytest.mark.integration
+def test_metadata_holds_no_field_that_inference_ignores(labelled_bundle: Path) -> None:
+    fields = json.loads((labelled_bundle / "metadata.json").read_text())
+    assert set(fields) == {name for (name, *_) in _metadata_edits()} | {"content_sha256"}
+    assert "normalization" not in fields and set(fields["provenance"]) == {
+        "backbone", "layers", "versions", "source_checkpoint", "verification"}
+    assert fields["post_processor"]["state"]["_image_threshold"] == 2.0
+
+
+@pytest.mark.integration
+def test_links_in_an_input_folder_each_get_a_row_or_a_warning(bundles, tmp_path: Path, caplog) -> None:
+    inputs = tmp_path / "in"
+    image = _image(inputs / "a.png")
+    (inputs / "loop.png").symlink_to("loop.png")
+    (inputs / "dangling.png").symlink_to("missing.png")
+    (inputs / "linked").symlink_to(_image(tmp_path / "elsewhere" / "b.png").parent)
+    (inputs / "up").symlink_to(".")
+    with caplog.at_level("WARNING"):
+        summary = predict_folder(bundles[0], [inputs], tmp_path / "out", show_progress=False)
+    rows = {Path(row["path"]).name: row["status"] for row in _rows(tmp_path / "out")}
+    assert rows == {
+        "a.png": "ok",
+        "b.png": "ok",
+        "dangling.png": f"{inputs / 'dangling.png'}: a broken symbolic link (to missing.png), no image file behind it.",
+        "loop.png": f"{inputs / 'loop.png'}: a symbolic link loop (the link leads back to itself), not an image file.",
+    }
+    assert (summary.images, summary.scored) == (4, 2)
+    assert f"{inputs}: 1 linked folder(s) lead back to a folder already searched" in caplog.text
+    assert str(image) in {row["path"] for row in _rows(tmp_path / "out")}

@@ -303,19 +303,13 @@ class SupervisedSplitMixin:
                 "or set num_anomalies=0 for one-class training."
             )
             raise InvalidInputError(msg)
-        if self.num_anomalies > len(anomalous):
+        if self.num_anomalies >= len(anomalous):
             msg = (
-                f"num_anomalies={self.num_anomalies} is more than the {len(anomalous)} anomalous images of "
-                f"{where}; lower num_anomalies so that some anomalies stay in the test set."
+                f"num_anomalies={self.num_anomalies} would take all {len(anomalous)} anomalous images of {where} "
+                "into training and leave the test set none to measure on; lower num_anomalies so that some "
+                "anomalies stay in the test set."
             )
             raise InvalidInputError(msg)
-        if self.num_anomalies == len(anomalous):
-            logger.warning(
-                "num_anomalies=%d takes every anomalous image of %s: the test set keeps none, so image AUROC "
-                "and pixel metrics cannot be computed on it.",
-                self.num_anomalies,
-                where,
-            )
         paths_by_type: dict[str, list[str]] = {}
         for image_path in anomalous.image_path:
             paths_by_type.setdefault(defect_type_of(image_path), []).append(image_path)

@@ -52,7 +52,6 @@ from .graph import (
     EmbeddingGraph,
     export_graph,
     model_input_size,
-    normalization,
     pre_processing_transform,
 )
 from .inferencer import ApcInferencer
@@ -152,9 +151,14 @@ def export_bundle(
     exact_search = export_bound(exact_index, patches, directory)
     approximate_search = None if index == "flat" else export_approximate_index(exact_index, index, patches, directory)
 
+    provenance = {
+        "backbone": torch_model.backbone,
+        "layers": list(torch_model.layers),
+        "versions": _versions(precision),
+        "source_checkpoint": source_checkpoint,
+        "verification": None,
+    }
     metadata = BundleMetadata(
-        backbone=torch_model.backbone,
-        layers=list(torch_model.layers),
         num_neighbors=int(torch_model.num_neighbors),
         image_size=image_size,
         embedding_dim=int(embedding_dim),
@@ -162,21 +166,18 @@ def export_bundle(
         memory_bank_size=int(memory_bank.shape[0]),
         precision=precision,
         pre_processor=lightning_model.pre_processor.checkpoint_config(),
-        normalization=normalization(transform),
         post_processor=_post_processor_description(lightning_model.post_processor),
         anomaly_map_sigma=ANOMALY_MAP_SIGMA,
         segmentation_fusion=float(torch_model.segmentation_fusion),
         exact_search=exact_search,
         approximate_search=approximate_search,
-        versions=_versions(precision),
-        source_checkpoint=source_checkpoint,
         checksums={},
-        verification=None,
+        provenance=provenance,
     )
     metadata = dataclasses.replace(metadata, checksums=bundle_checksums(directory, metadata.files()))
     metadata.write(directory)
     verification = _verify(directory, lightning_model, calibration, image_size)
-    metadata = dataclasses.replace(metadata, verification=verification)
+    metadata = dataclasses.replace(metadata, provenance={**provenance, "verification": verification})
     metadata.write(directory)
     logger.info("Wrote the bundle to %s.", directory)
     return directory

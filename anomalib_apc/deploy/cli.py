@@ -39,14 +39,14 @@ def run_export_bundle(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
     )
     metadata = read_metadata(directory)
-    print(f"Bundle written to {directory}: {metadata.backbone} {metadata.precision}, input {metadata.image_size}, "
-          f"memory bank {metadata.memory_bank_size} x {metadata.embedding_dim}.")
+    print(f"Bundle written to {directory}: {metadata.provenance['backbone']} {metadata.precision}, "
+          f"input {metadata.image_size}, memory bank {metadata.memory_bank_size} x {metadata.embedding_dim}.")
     if metadata.approximate_search:
         search = metadata.approximate_search
         print(f"{search['type']} index: recall@1 {search['recall_at_1']:.4f} against exact search "
               f"({search['recall_queries']} queries: {search['recall_query_source']}).")
-    if metadata.verification:
-        check = metadata.verification
+    if metadata.provenance["verification"]:
+        check = metadata.provenance["verification"]
         print(f"Parity with the PyTorch model on {check['images']} {check['source']}: scores within "
               f"{check['max_relative_score_difference']:.2e} relative, labels equal: {check['labels_equal']}.")
     return 0
@@ -65,7 +65,7 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    """Score every image; a file that cannot be read gets its error in its row and makes the exit status 1."""
+    """Score every image; a file that cannot be read or scored gets its error in its row and makes the exit status 1."""
     from .predict import predict_folder
 
     summary = predict_folder(
@@ -77,10 +77,11 @@ def run_predict(args: argparse.Namespace) -> int:
         num_threads=args.threads,
         overwrite=args.overwrite,
     )
-    print(f"Scored {summary.scored} of {summary.images} images: {summary.scores_file}, "
+    failed = len(summary.failures)
+    print(f"Scored {summary.scored} of {summary.images} images, {failed} failed: {summary.scores_file}, "
           f"overlays in {summary.overlay_dir}.")
     if summary.failures:
-        print(f"anomalib-apc predict: {len(summary.failures)} file(s) could not be read (their rows in "
+        print(f"anomalib-apc predict: {failed} of {summary.images} file(s) could not be scored (their rows in "
               f"{summary.scores_file.name} say why):\n  " + "\n  ".join(summary.failures), file=sys.stderr)
         return 1
     return 0

@@ -13,7 +13,6 @@ from pathlib import Path
 import openvino as ov
 import torch
 from torch import nn
-from torchvision.transforms import v2
 
 from anomalib_apc.errors import InvalidInputError
 from anomalib_apc.models import AnomalousPatchCore, AnomalousPatchCoreModel
@@ -72,13 +71,6 @@ def model_input_size(transform: Callable[[torch.Tensor], torch.Tensor]) -> tuple
         raise InvalidInputError(msg)
     height, width = sizes.pop()
     return int(height), int(width)
-
-
-def normalization(transform: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, list[float]] | None:
-    """Mean and std of the transform's ``Normalize`` step, or ``None`` without one."""
-    steps = getattr(transform, "transforms", [transform])
-    normalize = next((step for step in steps if isinstance(step, v2.Normalize)), None)
-    return None if normalize is None else {"mean": list(normalize.mean), "std": list(normalize.std)}
 
 
 def export_graph(

@@ -14,6 +14,7 @@ inferencer applies to any other image.
 """
 
 import logging
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -29,6 +30,9 @@ logger = logging.getLogger(__name__)
 
 ImageInput = str | Path | Image.Image | np.ndarray | torch.Tensor
 
+UNIT_RANGE_TOLERANCE = 1e-6
+"""How far outside ``[0, 1]`` a float image may lie and be clamped: rounding of resampling, not content."""
+
 _GRAYSCALE_MODES = {"1", "L", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 
@@ -40,23 +44,47 @@ class ImageReadError(InvalidInputError):
 def list_image_files(paths: Iterable[str | Path]) -> list[Path]:
     """The given files, and the image files found (recursively, sorted) in the given folders.
 
+    Symbolic links to folders are followed, once each: a link back to a folder already being searched
+    (a loop) is skipped with a warning that counts them. A name with an image suffix that is not a
+    readable file (a broken link, a link pointing at itself) is listed all the same, so that it gets a
+    row saying why it could not be read instead of vanishing from the output.
+
     Raises:
         MissingInputError: A path does not exist, or a folder holds no image file.
     """
     files: list[Path] = []
     for path in map(Path, paths):
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            found = _image_names_below(path)
             if not found:
                 msg = f"{path}: no image file ({', '.join(IMAGE_SUFFIXES)}) in this folder."
                 raise MissingInputError(msg)
             files.extend(found)
-        elif path.is_file():
+        elif path.is_file() or path.is_symlink():
             files.append(path)
         else:
             msg = f"{path}: no such file or folder."
             raise MissingInputError(msg)
     return files
+
+
+def _image_names_below(folder: Path) -> list[Path]:
+    """Every name with an image suffix below ``folder``, sorted, following folder links that do not loop."""
+    found: list[Path] = []
+    loops: list[str] = []
+    searched: set[str] = set()
+    for directory, subfolders, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(directory)
+        if real in searched:
+            loops.append(directory)
+            subfolders.clear()
+            continue
+        searched.add(real)
+        found.extend(Path(directory, name) for name in names if Path(name).suffix.lower() in IMAGE_SUFFIXES)
+    if loops:
+        logger.warning("%s: %d linked folder(s) lead back to a folder already searched and were skipped: %s.",
+                       folder, len(loops), ", ".join(loops[:5]))
+    return sorted(found)
 
 
 def read_image_file(path: str | Path, size: tuple[int, int] | None = None) -> torch.Tensor:
@@ -69,8 +97,7 @@ def read_image_file(path: str | Path, size: tuple[int, int] | None = None) -> to
     """
     path = Path(path)
     if not path.is_file():
-        msg = f"{path}: no such image file."
-        raise MissingInputError(msg)
+        raise MissingInputError(_why_not_a_file(path))
     try:
         with Image.open(path) as image:
             if size is not None:
@@ -85,8 +112,31 @@ def read_image_file(path: str | Path, size: tuple[int, int] | None = None) -> to
         msg = f"{path}: cannot read this file as an image ({type(error).__name__}: {error})."
         raise ImageReadError(msg) from error
     if size is not None and tuple(tensor.shape[-2:]) != tuple(size):
-        tensor = resize(tensor, list(size), antialias=True)
+        tensor = resize_unit_image(tensor, size)
     return tensor
+
+
+def resize_unit_image(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """An image in ``[0, 1]`` resized (antialiased) to ``size`` ``(H, W)``, still in ``[0, 1]``.
+
+    Antialiased resampling is a weighted sum whose float rounding lands a few ulps outside the input
+    range (1.0000001 for about one photo in twenty); those are clamped back, since they are not content.
+    """
+    return resize(image, list(size), antialias=True).clamp_(0.0, 1.0)
+
+
+def _why_not_a_file(path: Path) -> str:
+    """Why ``path`` cannot be opened as a file, naming it: a link loop, a broken link, a folder, or nothing there."""
+    if path.is_symlink():
+        try:
+            path.resolve(strict=True)
+        except RuntimeError:
+            return f"{path}: a symbolic link loop (the link leads back to itself), not an image file."
+        except OSError:
+            return f"{path}: a broken symbolic link (to {os.readlink(path)}), no image file behind it."
+    if path.is_dir():
+        return f"{path}: a folder, not an image file."
+    return f"{path}: no such image file."
 
 
 def _reduced(image: Image.Image, size: tuple[int, int]) -> Image.Image:
@@ -126,8 +176,8 @@ def pil_to_tensor(image: Image.Image, source: str) -> torch.Tensor:
 def array_to_tensor(array: np.ndarray, source: str) -> torch.Tensor:
     """An ``(H, W)``, ``(H, W, 1)``, ``(H, W, 3)`` or ``(H, W, 4)`` RGB(A) array as ``(3, H, W)`` float in ``[0, 1]``.
 
-    Integer arrays are scaled by their type's maximum (255 for ``uint8``, 65535 for ``uint16``); a
-    float array must already lie in ``[0, 1]``.
+    ``uint8`` and ``uint16`` arrays are scaled by 255 and 65535; a float array must already lie in
+    ``[0, 1]`` (see :func:`_unit_range`).
     """
     if array.ndim == 2:
         array = array[..., None]
@@ -162,14 +212,33 @@ def channels_to_rgb(image: torch.Tensor, source: str) -> torch.Tensor:
 
 
 def _unit_range(array: np.ndarray, source: str) -> np.ndarray:
-    if np.issubdtype(array.dtype, np.integer):
+    """``array`` as float32 in ``[0, 1]``: ``uint8`` / ``uint16`` scaled by 255 / 65535, floats checked.
+
+    A float image may stray ``UNIT_RANGE_TOLERANCE`` outside ``[0, 1]`` (what resampling a ``[0, 1]``
+    image produces) and is clamped; further out, or NaN / infinite, it is refused. Other integer types
+    are refused too: their range says nothing about the pixels' (an ``int64`` array of 0-255 divided by
+    the ``int64`` maximum would be a black image).
+    """
+    if array.size == 0:
+        msg = f"{source}: an empty image (array shape {array.shape})."
+        raise ImageReadError(msg)
+    if array.dtype in (np.uint8, np.uint16):
         return (array.astype(np.float32) / np.iinfo(array.dtype).max).astype(np.float32)
+    if np.issubdtype(array.dtype, np.integer):
+        msg = (f"{source}: {array.dtype} pixels (values {array.min()} to {array.max()}) have no known range; "
+               "pass uint8 (0-255), uint16 (0-65535) or float in [0, 1].")
+        raise ImageReadError(msg)
     if np.issubdtype(array.dtype, np.floating):
-        if array.size and (np.nanmin(array) < 0 or np.nanmax(array) > 1):
-            low, high = np.nanmin(array), np.nanmax(array)
-            msg = f"{source}: a float image must lie in [0, 1], got values in [{low:.3g}, {high:.3g}]."
+        non_finite = int(np.count_nonzero(~np.isfinite(array)))
+        if non_finite:
+            msg = f"{source}: {non_finite} of {array.size} values are NaN or infinite."
             raise ImageReadError(msg)
-        return array.astype(np.float32)
+        low, high = float(array.min()), float(array.max())
+        if low < -UNIT_RANGE_TOLERANCE or high > 1 + UNIT_RANGE_TOLERANCE:
+            msg = (f"{source}: a float image must lie in [0, 1] (within {UNIT_RANGE_TOLERANCE:g}), "
+                   f"got values in [{low:.9g}, {high:.9g}].")
+            raise ImageReadError(msg)
+        return np.clip(array, 0.0, 1.0).astype(np.float32)
     msg = f"{source}: unsupported image data type {array.dtype}."
     raise ImageReadError(msg)
 
@@ -186,6 +255,9 @@ def to_image_tensors(
     if isinstance(images, torch.Tensor) and images.ndim == 4:
         return [(tensor_to_tensor(image, f"image {index} of the batch"), None) for index, image in enumerate(images)]
     items = list(images) if isinstance(images, list | tuple) else [images]
+    if not items:
+        msg = "No image given: pass a path, an image, or a non-empty list of them."
+        raise InvalidInputError(msg)
     return [_one_image(item, index, file_size) for index, item in enumerate(items)]
 
 

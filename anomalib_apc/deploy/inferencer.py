@@ -35,7 +35,7 @@ from torchvision.transforms.v2.functional import resize
 from anomalib_apc.errors import InvalidInputError
 
 from .checksums import verify_checksums
-from .images import ImageInput, to_image_tensors
+from .images import ImageInput, resize_unit_image, to_image_tensors
 from .metadata import DEFECT_GRAPH_FILE, GRAPH_FILE, MEMORY_BANK_FILE, METADATA_FILE, BundleMetadata, read_metadata
 from .options import SEARCH_MODES, SearchMode
 from .search import (
@@ -255,7 +255,7 @@ class ApcInferencer:
                     logger.info("Images of %dx%d pixels are resized to the model's %dx%d input.",
                                 *size[::-1], *self.image_size[::-1])
                     self._noted_sizes.add(size)
-                image = resize(image, list(self.image_size), antialias=True)
+                image = resize_unit_image(image, self.image_size)
             tensors.append(image)
             paths.append(path)
         batch = torch.stack(tensors)

@@ -4,9 +4,16 @@ It is the contract between ``export_bundle`` and ``ApcInferencer``: written once
 field by field at load, so that a bundle of another format version, another architecture or with a
 missing file is refused with a message naming the problem instead of failing somewhere inside
 OpenVINO or faiss.
+
+Every field but ``provenance`` drives inference; ``provenance`` records what made the bundle (for
+people and audits) and drives nothing. The whole file is sealed by ``content_sha256``, the SHA-256
+of every other field, so an edit (a threshold set by hand, swapped min/max statistics) is refused at
+load like a changed byte of the graph: a wrong answer from an edited file is worse than no answer.
+The seal detects edits, it does not authenticate the exporter (no key is involved).
 """
 
 import dataclasses
+import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -16,8 +23,9 @@ from typing import Any
 from anomalib_apc.errors import InvalidInputError, MissingInputError
 
 BUNDLE_FORMAT = "anomalib-apc-bundle"
-# Version 2: SHA-256 of every file and the source checkpoint's identity.
-BUNDLE_FORMAT_VERSION = 3
+# Version 2: SHA-256 of every file and the source checkpoint's identity. Version 4: the metadata sealed by
+# its own SHA-256, descriptive fields under ``provenance``, no ``normalization`` (the pre-processor is applied).
+BUNDLE_FORMAT_VERSION = 4
 ARCHITECTURE = "AnomalousPatchCore"
 
 METADATA_FILE = "metadata.json"
@@ -27,6 +35,7 @@ BOUND_PROJECTION_FILE = "bound_projection.npz"
 APPROXIMATE_INDEX_FILE = "approximate_index.faiss"
 
 DEFECT_GRAPH_FILE = "defect_probability.xml"
+CONTENT_DIGEST_FIELD = "content_sha256"
 
 GRAPH_INPUT = "images"
 GRAPH_OUTPUT = "patch_embeddings"
@@ -38,8 +47,6 @@ class BundleMetadata:
     """Everything ``metadata.json`` records.
 
     Attributes:
-        backbone: timm name of the encoder.
-        layers: Memory-bank layers, shallow to deep.
         num_neighbors: Neighbours of PatchCore's score re-weighting.
         image_size: ``(H, W)`` the graph takes (after the pre-processor).
         embedding_dim: Features per patch, ``D``.
@@ -47,8 +54,6 @@ class BundleMetadata:
         memory_bank_size: Rows of the memory bank.
         precision: ``fp32``, ``fp16`` or ``int8`` weights of the graph.
         pre_processor: anomalib ``PreProcessor.checkpoint_config()`` (the transform as plain data).
-        normalization: Mean and std of the pre-processor's ``Normalize`` (for readers; the transform
-            above is what is applied).
         post_processor: ``{"class_path", "config", "state"}`` of the anomalib post-processor (its
             thresholds and min/max statistics in ``state``), or ``None`` for raw scores.
         anomaly_map_sigma: Gaussian sigma of PatchCore's anomaly-map smoothing.
@@ -60,18 +65,16 @@ class BundleMetadata:
         approximate_search: ``{"file", "type", "factory", "search_parameters", "candidates",
             "recall_at_1", "mean_relative_distance_error", "recall_queries", "recall_query_source"}``,
             or ``None``.
-        versions: Versions of the packages that wrote the bundle.
-        source_checkpoint: The checkpoint it was exported from (``{"path", "name", "sha256", "epoch",
-            "global_step"}``), or ``None`` when exported from a model in memory.
         checksums: ``{file name: SHA-256}`` of every file but ``metadata.json``, checked at load.
-        verification: Parity with the PyTorch model measured at export, or ``None``.
+        provenance: What made the bundle, driving nothing: ``backbone`` (timm name), ``layers``
+            (memory-bank stages), ``versions`` (of the packages that wrote it), ``source_checkpoint``
+            (``{"path", "name", "sha256", "epoch", "global_step"}`` or ``None`` for a model in memory)
+            and ``verification`` (parity with the PyTorch model measured at export, or ``None``).
         format: Always ``BUNDLE_FORMAT``.
         format_version: ``BUNDLE_FORMAT_VERSION`` of the writer.
         architecture: Always ``ARCHITECTURE``.
     """
 
-    backbone: str
-    layers: list[str]
     num_neighbors: int
     image_size: tuple[int, int]
     embedding_dim: int
@@ -79,16 +82,13 @@ class BundleMetadata:
     memory_bank_size: int
     precision: str
     pre_processor: dict[str, Any]
-    normalization: dict[str, list[float]] | None
     post_processor: dict[str, Any] | None
     anomaly_map_sigma: float
     segmentation_fusion: float
     exact_search: dict[str, Any] | None
     approximate_search: dict[str, Any] | None
-    versions: dict[str, str]
-    source_checkpoint: dict[str, Any] | None
     checksums: dict[str, str]
-    verification: dict[str, Any] | None
+    provenance: dict[str, Any]
     format: str = BUNDLE_FORMAT
     format_version: int = BUNDLE_FORMAT_VERSION
     architecture: str = ARCHITECTURE
@@ -101,10 +101,22 @@ class BundleMetadata:
         return files
 
     def write(self, directory: Path) -> Path:
-        """Write ``metadata.json`` into ``directory`` (NaN statistics as ``null``, valid JSON)."""
+        """Write ``metadata.json`` into ``directory``, sealed (NaN statistics as ``null``, valid JSON)."""
         path = directory / METADATA_FILE
-        path.write_text(json.dumps(_nan_to_none(dataclasses.asdict(self)), indent=2) + "\n")
+        path.write_text(json.dumps(sealed(_nan_to_none(dataclasses.asdict(self))), indent=2) + "\n")
         return path
+
+
+def content_digest(fields: dict[str, Any]) -> str:
+    """SHA-256 of the metadata's fields other than ``content_sha256``, in a canonical JSON form."""
+    content = {name: value for name, value in fields.items() if name != CONTENT_DIGEST_FIELD}
+    canonical = json.dumps(content, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def sealed(fields: dict[str, Any]) -> dict[str, Any]:
+    """``fields`` with their ``content_sha256``."""
+    return {**fields, CONTENT_DIGEST_FIELD: content_digest(fields)}
 
 
 def read_metadata(bundle: str | Path) -> BundleMetadata:
@@ -113,7 +125,8 @@ def read_metadata(bundle: str | Path) -> BundleMetadata:
     Raises:
         MissingInputError: ``bundle`` is not a folder, or ``metadata.json`` or a file it lists is missing.
         InvalidInputError: The metadata is not valid JSON, is of another format, format version or
-            architecture, lacks fields, or has a ``num_neighbors`` outside 1 .. memory-bank rows.
+            architecture, was edited after export (its ``content_sha256``), lacks fields, or has a
+            ``num_neighbors`` outside 1 .. memory-bank rows.
     """
     directory = Path(bundle)
     path = directory / METADATA_FILE
@@ -142,6 +155,11 @@ def read_metadata(bundle: str | Path) -> BundleMetadata:
         msg = (f"{path}: a bundle of architecture {fields.get('architecture')!r}; "
                f"ApcInferencer runs {ARCHITECTURE!r} only.")
         raise InvalidInputError(msg)
+    if fields.get(CONTENT_DIGEST_FIELD) != content_digest(fields):
+        msg = (f"{path}: its contents do not match the SHA-256 recorded in it ({CONTENT_DIGEST_FIELD}): the file "
+               "was edited after export; export the bundle again instead of editing it.")
+        raise InvalidInputError(msg)
+    del fields[CONTENT_DIGEST_FIELD]
     expected = {field.name for field in dataclasses.fields(BundleMetadata)}
     missing, unknown = sorted(expected - set(fields)), sorted(set(fields) - expected)
     if missing or unknown:
