@@ -1,4 +1,4 @@
-"""SIGTERM / SIGINT in phase 1 or phase 2: non-zero exit, one line naming what stopped, no checkpoint.
+"""SIGTERM / SIGINT in phase 1 or phase 2: non-zero exit, one line naming what stopped and what can be resumed.
 
 Each case trains in its own process (``Engine.train``: fit, then test, as ``anomalib train`` does) and
 the process signals itself at a fixed point: a callback at the first fine-tuning batch (phase 1), or
@@ -47,7 +47,8 @@ datamodule_class = SignalDuringPhaseTwo if phase == "2" else SupervisedMVTecAD
 datamodule = datamodule_class(root=root, category=category, num_anomalies=3, train_batch_size=4,
                               eval_batch_size=32, num_workers=0, seed=0)
 model = AnomalousPatchCore(
-    backbone="resnet18", pre_trained=False, finetune_epochs=2, coreset_sampling_ratio=0.5, visualizer=False,
+    backbone="resnet18", pre_trained=False, finetune_epochs=2, checkpoint_every_n_epochs=1, coreset_sampling_ratio=0.5,
+    visualizer=False,
     pre_processor=AnomalousPatchCore.configure_pre_processor(image_size=(64, 64)),
 )
 callbacks = [SignalAtFirstFineTuningBatch()] if phase == "1" else []
@@ -62,9 +63,9 @@ SIGTERM_PHASE_1 = (
     "training did not finish and no checkpoint of this run is complete."
 )
 PHASE_2 = "phase 2 (building the memory bank from the normal training images)"
-SIGTERM_PHASE_2 = (
+SIGTERM_PHASE_2 = (  # after the first of two epochs, whose fine-tuning checkpoint is there to resume from
     f"AnomalousPatchCore: SIGTERM interrupted {PHASE_2}; "
-    "training did not finish and no checkpoint of this run is complete."
+    "training did not finish; resume it from the fine-tuning checkpoint {checkpoint} (--ckpt_path)."
 )
 SIGINT_PHASE_2 = SIGTERM_PHASE_2.replace("SIGTERM", "SIGINT")
 CASES = {"sigterm_phase1": ("SIGTERM", "1"), "sigterm_phase2": ("SIGTERM", "2"), "sigint_phase2": ("SIGINT", "2")}
@@ -84,10 +85,13 @@ def interrupted_runs(tiny_dataset, tmp_path_factory: pytest.TempPathFactory) -> 
             for name, process in processes.items()}
 
 
-def _assert_stopped_before_any_checkpoint(output: str, run_dir: Path) -> None:
+def _assert_stopped_before_any_checkpoint(output: str, run_dir: Path, phase: str) -> str:
+    """No final checkpoint, and a fine-tuning one only where an epoch was completed (phase 2); returns its path."""
     assert "TRAINING RETURNED" not in output
     assert "Test metric" not in output  # anomalib's test did not run on a half-built model
-    assert not list(run_dir.rglob("*.ckpt"))
+    checkpoints = list(run_dir.rglob("*.ckpt"))
+    assert [path.name for path in checkpoints] == (["finetuning-epoch=1.ckpt"] if phase == "2" else [])
+    return str(checkpoints[0]) if checkpoints else ""
 
 
 @pytest.mark.integration
@@ -95,17 +99,17 @@ def _assert_stopped_before_any_checkpoint(output: str, run_dir: Path) -> None:
 def test_sigterm_exits_with_one_line_and_no_checkpoint(interrupted_runs, case: str, line: str) -> None:
     status, output, run_dir = interrupted_runs[case]
     assert status == 1, output[-3000:]
-    assert output.rstrip().splitlines()[-1] == line  # the line itself, no traceback after it
+    checkpoint = _assert_stopped_before_any_checkpoint(output, run_dir, CASES[case][1])
+    assert output.rstrip().splitlines()[-1] == line.format(checkpoint=checkpoint)  # the line, no traceback after it
     assert "Traceback" not in output
-    _assert_stopped_before_any_checkpoint(output, run_dir)
 
 
 @pytest.mark.integration
 def test_sigint_in_phase_2_exits_non_zero_naming_it(interrupted_runs) -> None:
     status, output, run_dir = interrupted_runs["sigint_phase2"]
     assert status == 1, output[-3000:]
-    assert SIGINT_PHASE_2 in output.splitlines()
-    _assert_stopped_before_any_checkpoint(output, run_dir)
+    checkpoint = _assert_stopped_before_any_checkpoint(output, run_dir, "2")
+    assert SIGINT_PHASE_2.format(checkpoint=checkpoint) in output.splitlines()
 
 
 def test_interruption_is_the_projects_error_and_exits_with_its_message() -> None:

@@ -119,6 +119,11 @@ def export_bundle(
     if isinstance(model, str | Path):
         lightning_model, identity = read_checkpoint(model)
         source_checkpoint = identity.as_dict()
+        if not bool(lightning_model._is_fitted):
+            msg = (f"{model}: a fine-tuning checkpoint, taken before the memory bank was built: not deployable. "
+                   "Resume its training (anomalib train ... --ckpt_path FILE) and export the checkpoint that run "
+                   "writes.")
+            raise InvalidInputError(msg)
     else:
         lightning_model, source_checkpoint = model.eval(), None
     torch_model = lightning_model.model

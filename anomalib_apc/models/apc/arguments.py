@@ -22,6 +22,7 @@ def check_training_arguments(
     finetune_scope: str,
     coreset_sampling_ratio: float,
     segmentation_fusion: float,
+    checkpoint_every_n_epochs: int,
 ) -> None:
     """Refuse training arguments that cannot be used together.
 
@@ -39,6 +40,9 @@ def check_training_arguments(
         raise InvalidInputError(msg)
     if not 0 < coreset_sampling_ratio <= 1:
         msg = f"coreset_sampling_ratio must be in (0, 1], got {coreset_sampling_ratio}."
+        raise InvalidInputError(msg)
+    if checkpoint_every_n_epochs < 0:
+        msg = f"checkpoint_every_n_epochs must be >= 0 (0: no checkpoints), got {checkpoint_every_n_epochs}."
         raise InvalidInputError(msg)
     if segmentation_fusion > 0 and (finetune_epochs == 0 or finetune_scope != "all"):
         msg = (

@@ -1,4 +1,10 @@
-"""Batch-norm statistics of the fine-tuned encoder re-estimated on the real normal training images.
+"""Batch-norm statistics: adapted to the fine-tuning batches without weight updates (the control), and
+re-estimated on the real normal training images after fine-tuning.
+
+The control (``finetune_scope="batchnorm_statistics"``, :func:`adapt_batchnorm_statistics`) runs the
+encoder's forward pass of each fine-tuning step in train mode without gradients: batch norm updates
+its running statistics in the forward pass, so they adapt exactly as in full fine-tuning while no
+weight can change.
 
 Fine-tuning sees balanced batches, half of them anomalous or CutPaste, so the encoder's batch-norm
 running means and variances describe that mixture rather than the normal images the memory bank is
@@ -16,6 +22,17 @@ from torch import nn
 from torch.optim.swa_utils import update_bn
 
 from .encoder import TimmEncoder
+from .precision import finetune_autocast
+
+
+@torch.no_grad()
+def adapt_batchnorm_statistics(encoder: TimmEncoder, images: torch.Tensor, precision: str,
+                               channels_last: bool) -> None:
+    """The encoder's forward pass of one fine-tuning step, in train mode, without gradients (the control)."""
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    with finetune_autocast(precision, images.device):
+        encoder.forward_all_stages(images)
 
 
 class _AllStages(nn.Module):

@@ -10,7 +10,8 @@ This module keeps Lightning's signal handling and reads its flag earlier: :class
 (added by the model through ``configure_callbacks``) checks it at every batch end, epoch end and
 validation end, and the model checks it between the batches of phase 2 (:func:`stop_if_terminated`).
 Both raise :class:`RunInterrupted` before Lightning's own check, and before the checkpoint callback,
-which runs after the guard, saves anything: an interrupted fit leaves no checkpoint behind. A
+which runs after the guard, saves anything: an interrupted fit leaves no final checkpoint behind (the
+fine-tuning checkpoints of the epochs it completed stay, to resume from: :mod:`.finetuning_checkpoint`). A
 SIGINT (``KeyboardInterrupt``) keeps Lightning's exit with status 1; the guard adds the line.
 """
 
@@ -22,6 +23,8 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
 
 from anomalib_apc.errors import InterruptedRunError
+
+from .finetuning_checkpoint import FineTuningCheckpoint
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +54,11 @@ def interruption_message(trainer: Trainer, signal_name: str, activity: str | Non
     """One line: which signal stopped what, and what that means for the run's checkpoint."""
     stage = trainer.state.stage.value if trainer.state.stage is not None else None
     what = activity or STAGE_ACTIVITIES.get(stage, "the run")
-    if trainer.state.fn == TrainerFn.FITTING:
+    resumable = next((callback.latest for callback in trainer.callbacks
+                      if isinstance(callback, FineTuningCheckpoint) and callback.latest is not None), None)
+    if trainer.state.fn == TrainerFn.FITTING and resumable is not None:
+        outcome = f"training did not finish; resume it from the fine-tuning checkpoint {resumable} (--ckpt_path)"
+    elif trainer.state.fn == TrainerFn.FITTING:
         outcome = "training did not finish and no checkpoint of this run is complete"
     else:
         outcome = "its results are incomplete"

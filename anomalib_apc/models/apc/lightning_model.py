@@ -45,8 +45,10 @@ from torch.utils.data import DataLoader
 from anomalib_apc.errors import InvalidInputError
 
 from .arguments import FineTuneScope, check_training_arguments
+from .batchnorm import adapt_batchnorm_statistics
 from .decoder import DecoderType
 from .distributed import world
+from .finetuning_checkpoint import FineTuningCheckpoint, keep_the_trained_model
 from .interruption import InterruptionGuard, stop_if_terminated
 from .loss import ApcLoss
 from .memory_bank import build_memory_bank_on_all_ranks
@@ -54,7 +56,7 @@ from .network import build_network
 from .normal_images import normal_training_dataloader, training_anomaly_count
 from .precision import FineTunePrecision, finetune_autocast, full_precision, resolve_finetune_precision
 from .torch_model import TASKS
-from .training_checks import NO_ANOMALIES_MESSAGE, check_training_masks
+from .training_checks import NO_ANOMALIES_MESSAGE, NOT_FITTED_MESSAGE, check_training_masks
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +110,8 @@ class AnomalousPatchCore(MemoryBankMixin, AnomalibModule):
             float32 (see :mod:`.precision`).
         channels_last: Fine-tune in channels-last memory layout (faster convolutions on CPU and GPU);
             phase 2 and inference run in the standard layout either way.
+        checkpoint_every_n_epochs: Save the fine-tuning state every this many epochs of phase 1, to resume
+            a killed run with ``--ckpt_path`` (see :mod:`.finetuning_checkpoint`); 0: no such checkpoints.
         pre_processor: Pre-processor instance or flag to use the default (resize to 256, ImageNet
             normalisation).
         post_processor: Post-processor instance or flag to use the default.
@@ -140,6 +144,7 @@ class AnomalousPatchCore(MemoryBankMixin, AnomalibModule):
         seed: int | None = 0,
         finetune_precision: FineTunePrecision = "auto",
         channels_last: bool = True,
+        checkpoint_every_n_epochs: int = 5,
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
         evaluator: Evaluator | bool = True,
@@ -152,7 +157,7 @@ class AnomalousPatchCore(MemoryBankMixin, AnomalibModule):
             visualizer=visualizer,
         )
         check_training_arguments(loss_weights, finetune_epochs, finetune_scope, coreset_sampling_ratio,
-                                 segmentation_fusion)
+                                 segmentation_fusion, checkpoint_every_n_epochs)
         network = {"backbone": backbone, "layers": layers, "decoder": decoder, "tasks": tasks,
                    "num_neighbors": num_neighbors, "segmentation_fusion": segmentation_fusion}
         self.model, self._initial_weights_error = build_network(
@@ -170,6 +175,7 @@ class AnomalousPatchCore(MemoryBankMixin, AnomalibModule):
         resolve_finetune_precision(finetune_precision, torch.device("cpu"))  # refuse an unknown name now
         self.finetune_precision = finetune_precision
         self.channels_last = channels_last
+        self.checkpoint_every_n_epochs = checkpoint_every_n_epochs
         self._finetune_precision_in_use = "32"
         self._anomalous_samples_seen = 0
         self._activity: str | None = None
@@ -194,8 +200,11 @@ class AnomalousPatchCore(MemoryBankMixin, AnomalibModule):
         return PostProcessor()
 
     def configure_callbacks(self) -> list[Callback]:
-        """anomalib's component callbacks, and the guard that turns SIGTERM / SIGINT into a failed run."""
-        return [*super().configure_callbacks(), InterruptionGuard(lambda: self._activity)]
+        """anomalib's component callbacks, the guard of SIGTERM / SIGINT, and the fine-tuning checkpoints."""
+        callbacks = [*super().configure_callbacks(), InterruptionGuard(lambda: self._activity)]
+        if self.fine_tunes and self.checkpoint_every_n_epochs:
+            callbacks.append(FineTuningCheckpoint(self.checkpoint_every_n_epochs))
+        return callbacks
 
     def configure_optimizers(self) -> torch.optim.Optimizer | None:
         """AdamW over the encoder, decoder and heads; nothing to optimise without fine-tuning or for the
@@ -205,9 +214,17 @@ class AnomalousPatchCore(MemoryBankMixin, AnomalibModule):
         return torch.optim.AdamW(self.model.parameters(), lr=self.learning_rate, weight_decay=self.weight_decay)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """The checkpoint's weights replace the initial ones, so their absence no longer matters."""
+        """The checkpoint's weights replace the initial ones (a fine-tuning one's only where it is resumed)."""
         super().on_load_checkpoint(checkpoint)
+        keep_the_trained_model(self, checkpoint)
         self._initial_weights_error = None
+
+    def on_test_start(self) -> None:
+        """Refuse to score without a memory bank (a fine-tuning checkpoint): resuming its training builds one."""
+        if not bool(self._is_fitted):
+            raise InvalidInputError(NOT_FITTED_MESSAGE)
+
+    on_predict_start = on_test_start
 
     def on_fit_start(self) -> None:
         """Refuse to train from random weights that stand in for initial weights that could not be loaded."""
@@ -252,7 +269,8 @@ class AnomalousPatchCore(MemoryBankMixin, AnomalibModule):
         anomalous = labels.bool()
         self._anomalous_samples_seen += int(anomalous.sum())
         if self.finetune_scope == "batchnorm_statistics":
-            self._adapt_batchnorm_statistics(batch.image)
+            adapt_batchnorm_statistics(self.model.feature_extractor, batch.image, self._finetune_precision_in_use,
+                                       self.channels_last)
             return self._nothing_to_learn()
         if "segmentation" in self.model.tasks:
             check_training_masks(batch, anomalous)
@@ -262,18 +280,6 @@ class AnomalousPatchCore(MemoryBankMixin, AnomalibModule):
             self.log(f"train_loss_{name}" if name != "total" else "train_loss", value, on_epoch=True, on_step=False,
                      prog_bar=name == "total", batch_size=batch_size)
         return {"loss": losses["total"]}
-
-    @torch.no_grad()
-    def _adapt_batchnorm_statistics(self, images: torch.Tensor) -> None:
-        """The encoder's forward pass of a fine-tuning step, in train mode and without gradients.
-
-        Batch norm updates its running statistics in the forward pass, so they adapt exactly as in
-        full fine-tuning while no weight can change.
-        """
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with finetune_autocast(self._finetune_precision_in_use, images.device):
-            self.model.feature_extractor.forward_all_stages(images)
 
     def _nothing_to_learn(self) -> STEP_OUTPUT | None:
         """The step output of a step that updates no weight: nothing, or under DDP a constant loss.
@@ -339,6 +345,7 @@ class AnomalousPatchCore(MemoryBankMixin, AnomalibModule):
             reestimate_batchnorm=self.reestimate_batchnorm,
         )
         self.model.train(was_training)
+        self._is_fitted = torch.tensor([True], device=self.device)
 
     def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """PatchCore scores and anomaly maps for the batch, in float32 (see :mod:`.precision`)."""
@@ -347,13 +354,9 @@ class AnomalousPatchCore(MemoryBankMixin, AnomalibModule):
             predictions = self.model(batch.image.float())
         return batch.update(**predictions._asdict())
 
-    def test_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
-        """As :meth:`validation_step`: a mixed ``--trainer.precision`` must not reach the scores."""
-        return self.validation_step(batch, *args, **kwargs)
-
-    def predict_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
-        """As :meth:`validation_step`: a mixed ``--trainer.precision`` must not reach the scores."""
-        return self.validation_step(batch, *args, **kwargs)
+    # A mixed ``--trainer.precision`` must not reach the scores in testing and prediction either.
+    test_step = validation_step
+    predict_step = validation_step
 
     @property
     def trainer_arguments(self) -> dict[str, Any]:

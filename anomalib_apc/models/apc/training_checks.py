@@ -19,6 +19,12 @@ NO_ANOMALIES_MESSAGE = (
     "(`--data SupervisedMVTecAD --data.num_anomalies 10`), or set finetune_epochs=0 for plain PatchCore."
 )
 
+NOT_FITTED_MESSAGE = (
+    "AnomalousPatchCore has no memory bank yet: these weights are a fine-tuning checkpoint taken before phase 2 "
+    "(weights/lightning/finetuning-epoch=N.ckpt). Resume its training to build the bank: "
+    "`anomalib train ... --ckpt_path FILE` or Engine.fit(..., ckpt_path=FILE)."
+)
+
 
 def check_training_masks(batch: Batch, anomalous: torch.Tensor) -> None:
     """Refuse anomalous training images without masks; warn about empty masks (naming the images).
