@@ -33,7 +33,9 @@ if TYPE_CHECKING:
 
 pytest_plugins = ("pytester",)  # tests/test_suite_settings.py runs pytest on a made-up test file
 
-MPDD_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "mpdd"
+SHARED_DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+MPDD_ROOT = SHARED_DATASETS / "mpdd"
+REAL_CATEGORIES = ("mpdd/metal_plate", "bsdata/ball_screw_drive", "deeppcb/pcb")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +89,39 @@ def mpdd_root() -> Path:
     if not (MPDD_ROOT / "metal_plate").is_dir():
         pytest.skip(f"MPDD metal_plate is not at {MPDD_ROOT} (../shared/datasets/mpdd next to the repository)")
     return MPDD_ROOT
+
+
+@pytest.fixture(scope="session")
+def real_categories() -> list[Path]:
+    """The category folders of the real data sets in ``../shared/datasets``; skips when any is absent."""
+    folders = [SHARED_DATASETS / name for name in REAL_CATEGORIES]
+    missing = [str(folder) for folder in folders if not (folder / "train" / "good").is_dir()]
+    if missing:
+        pytest.skip(f"real data sets not found ({', '.join(missing)}; ../shared/datasets next to the repository)")
+    return folders
+
+
+def _random_bank_bundle(folder: Path, seed: int, image_size: int) -> Path:
+    """A bundle of an untrained model with a random memory bank: seconds to make, enough for input handling."""
+    import torch
+
+    from anomalib_apc.deploy import export_bundle
+    from anomalib_apc.models import AnomalousPatchCore
+
+    model = AnomalousPatchCore(
+        backbone="resnet18", pre_trained=False, finetune_epochs=0, visualizer=False, post_processor=False, seed=seed,
+        pre_processor=AnomalousPatchCore.configure_pre_processor(image_size=(image_size, image_size)),
+    ).eval()
+    model.model.memory_bank = torch.randn(200, 384, generator=torch.Generator().manual_seed(seed))
+    return export_bundle(model, folder)
+
+
+@pytest.fixture(scope="session")
+def bundles(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Two 64 px bundles of the same architecture with different weights and memory banks."""
+    root = tmp_path_factory.mktemp("random_bundles")
+    return (_random_bank_bundle(root / "first", seed=0, image_size=TINY_IMAGE_SIZE),
+            _random_bank_bundle(root / "second", seed=1, image_size=TINY_IMAGE_SIZE))
 
 
 TINY_IMAGE_SIZE = 64

@@ -41,22 +41,6 @@ IMAGE_SIZE = 64
 MPDD_CATEGORY = "metal_plate"
 
 
-def _random_bank_bundle(folder: Path, seed: int) -> Path:
-    model = AnomalousPatchCore(
-        backbone="resnet18", pre_trained=False, finetune_epochs=0, visualizer=False, post_processor=False, seed=seed,
-        pre_processor=AnomalousPatchCore.configure_pre_processor(image_size=(IMAGE_SIZE, IMAGE_SIZE)),
-    ).eval()
-    model.model.memory_bank = torch.randn(200, 384, generator=torch.Generator().manual_seed(seed))
-    return export_bundle(model, folder)
-
-
-@pytest.fixture(scope="module")
-def bundles(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """Two bundles of the same architecture with different weights and memory banks."""
-    root = tmp_path_factory.mktemp("random_bundles")
-    return _random_bank_bundle(root / "first", seed=0), _random_bank_bundle(root / "second", seed=1)
-
-
 @pytest.fixture
 def bundle_copy(bundles: tuple[Path, Path], tmp_path: Path) -> Path:
     return Path(shutil.copytree(bundles[0], tmp_path / "bundle"))
