@@ -13,6 +13,7 @@ photograph never becomes a full-size float tensor; the final antialiased resize 
 inferencer applies to any other image.
 """
 
+import errno
 import logging
 import os
 from collections.abc import Iterable
@@ -130,9 +131,9 @@ def _why_not_a_file(path: Path) -> str:
     if path.is_symlink():
         try:
             path.resolve(strict=True)
-        except RuntimeError:
-            return f"{path}: a symbolic link loop (the link leads back to itself), not an image file."
-        except OSError:
+        except (RuntimeError, OSError) as error:  # Python < 3.13 reports a loop as RuntimeError, later as ELOOP
+            if isinstance(error, RuntimeError) or error.errno == errno.ELOOP:
+                return f"{path}: a symbolic link loop (the link leads back to itself), not an image file."
             return f"{path}: a broken symbolic link (to {os.readlink(path)}), no image file behind it."
     if path.is_dir():
         return f"{path}: a folder, not an image file."
