@@ -101,11 +101,10 @@ def real_categories() -> list[Path]:
     return folders
 
 
-def _random_bank_bundle(folder: Path, seed: int, image_size: int) -> Path:
-    """A bundle of an untrained model with a random memory bank: seconds to make, enough for input handling."""
+def random_bank_model(seed: int, image_size: int = 64) -> AnomalousPatchCore:
+    """An untrained model with a random memory bank: seconds to make and export, enough for input handling."""
     import torch
 
-    from anomalib_apc.deploy import export_bundle
     from anomalib_apc.models import AnomalousPatchCore
 
     model = AnomalousPatchCore(
@@ -113,15 +112,16 @@ def _random_bank_bundle(folder: Path, seed: int, image_size: int) -> Path:
         pre_processor=AnomalousPatchCore.configure_pre_processor(image_size=(image_size, image_size)),
     ).eval()
     model.model.memory_bank = torch.randn(200, 384, generator=torch.Generator().manual_seed(seed))
-    return export_bundle(model, folder)
+    return model
 
 
 @pytest.fixture(scope="session")
 def bundles(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """Two 64 px bundles of the same architecture with different weights and memory banks."""
     root = tmp_path_factory.mktemp("random_bundles")
-    return (_random_bank_bundle(root / "first", seed=0, image_size=TINY_IMAGE_SIZE),
-            _random_bank_bundle(root / "second", seed=1, image_size=TINY_IMAGE_SIZE))
+    from anomalib_apc.deploy import export_bundle
+
+    return export_bundle(random_bank_model(0), root / "first"), export_bundle(random_bank_model(1), root / "second")
 
 
 TINY_IMAGE_SIZE = 64

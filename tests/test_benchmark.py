@@ -250,3 +250,18 @@ def test_module_entry_point_shows_the_benchmark_options() -> None:
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "--patchcore-fast-coreset" in result.stdout and "--num-anomalies" in result.stdout
+
+
+def test_figure_panels_show_sixteen_bit_images_as_the_model_reads_them(tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from anomalib_apc.benchmark.figures import input_panel
+
+    gray = np.random.default_rng(0).integers(0, 256, (40, 60), dtype=np.uint8)
+    Image.fromarray(gray).save(tmp_path / "eight.png")
+    Image.fromarray(gray.astype(np.uint16) * 257).save(tmp_path / "sixteen.png")
+    eight, sixteen = (input_panel(str(tmp_path / f"{name}.png"), (30, 20)) for name in ("eight", "sixteen"))
+    assert sixteen.shape == (20, 30, 3)
+    np.testing.assert_allclose(sixteen, eight, atol=1e-6)
+    assert float(sixteen.mean()) < 0.9  # not the white image PIL's own RGB conversion makes of it

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 from anomalib.models import Patchcore
+from conftest import random_bank_model
 from PIL import Image
 
 from anomalib_apc.cli import main as apc_main
@@ -622,3 +623,18 @@ def test_links_in_an_input_folder_each_get_a_row_or_a_warning(bundles, tmp_path:
     assert (summary.images, summary.scored) == (4, 2)
     assert f"{inputs}: 1 linked folder(s) lead back to a folder already searched" in caplog.text
     assert str(image) in {row["path"] for row in _rows(tmp_path / "out")}
+
+
+@pytest.mark.integration
+def test_int8_without_nncf_is_refused_before_the_bundle_it_would_overwrite_is_touched(
+    bundle_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calibration = tmp_path / "calibration"
+    for number in range(2):
+        _image(calibration / f"{number}.png", seed=number)
+    before = {path.name: path.read_bytes() for path in bundle_copy.iterdir()}
+    monkeypatch.setitem(sys.modules, "nncf", None)  # as if it were not installed
+    with pytest.raises(InvalidInputError, match=r"nncf, which is not installed: .*anomalib-apc\[quantization\]"):
+        export_bundle(random_bank_model(0), bundle_copy, precision="int8", calibration_images=calibration,
+                      overwrite=True)
+    assert {path.name: path.read_bytes() for path in bundle_copy.iterdir()} == before

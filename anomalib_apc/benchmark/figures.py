@@ -9,10 +9,11 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
-from PIL import Image
+from torchvision.transforms.v2.functional import resize
 
 from anomalib_apc.benchmark.results import BenchmarkResult, ModelRun
 from anomalib_apc.benchmark.settings import APC, PATCHCORE
+from anomalib_apc.data import read_image
 
 FIGURE_MODELS = (PATCHCORE, APC)
 """Models shown in the figures; the fast-coreset Patchcore has the same maps as Patchcore."""
@@ -32,6 +33,12 @@ def write_figures(result: BenchmarkResult, folder: Path) -> list[Path]:
     return written
 
 
+def input_panel(image_path: str, size: tuple[int, int]) -> np.ndarray:
+    """The test image as the model read it (16-bit scaled, not clipped to white), ``(H, W, 3)`` at ``size`` (W, H)."""
+    image = resize(read_image(image_path), [size[1], size[0]], antialias=True).clamp(0, 1)
+    return image.permute(1, 2, 0).numpy()
+
+
 def _heatmap_figure(category: str, runs: Sequence[ModelRun], path: Path) -> Path:
     """Rows: example test images of the first seed; columns: input, ground truth, each model's map."""
     seed = min(run.seed for run in runs)
@@ -44,8 +51,7 @@ def _heatmap_figure(category: str, runs: Sequence[ModelRun], path: Path) -> Path
     axes = figure.subplots(len(examples), len(columns), squeeze=False)
     for row, image_path in enumerate(examples):
         size = first.example_maps[image_path].shape[::-1]
-        with Image.open(image_path) as image:
-            panels = [np.asarray(image.convert("RGB").resize(size))]
+        panels = [input_panel(image_path, size)]
         mask = first.example_masks.get(image_path)
         panels.append(mask if mask is not None else np.zeros(size[::-1]))
         panels += [maps_by_model[model].example_maps[image_path] for model in models]

@@ -116,6 +116,8 @@ def export_bundle(
         raise InvalidInputError(msg)
     directory = Path(output)
     _check_output(directory, overwrite)
+    if precision == "int8":
+        _require_nncf()  # before anything is read, and long before --overwrite removes the bundle there
     if isinstance(model, str | Path):
         lightning_model, identity = read_checkpoint(model)
         source_checkpoint = identity.as_dict()
@@ -197,6 +199,16 @@ def _check_output(directory: Path, overwrite: bool) -> None:
         if not (directory / METADATA_FILE).is_file():
             msg = f"{directory} holds files but no bundle; refusing to overwrite a folder that is not a bundle."
             raise OutputExistsError(msg)
+
+
+def _require_nncf() -> None:
+    """Refuse INT8 where nncf, its quantiser, is not installed (an optional dependency)."""
+    try:
+        import nncf  # noqa: F401
+    except ImportError as error:
+        msg = ("INT8 bundles are quantised by nncf, which is not installed: pip install 'anomalib-apc[quantization]' "
+               "(or choose --precision fp32/fp16).")
+        raise InvalidInputError(msg) from error
 
 
 def _replace_output(directory: Path) -> None:

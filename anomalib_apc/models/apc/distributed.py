@@ -12,7 +12,7 @@ CPU, NCCL on GPUs). Outside a process group every function degrades to the singl
 """
 
 import logging
-import resource
+import math
 import sys
 from collections.abc import Callable
 
@@ -113,8 +113,12 @@ def broadcast_from_rank0(compute: Callable[[], torch.Tensor], device: torch.devi
 
 
 def peak_memory_mib(device: torch.device) -> float:
-    """Peak memory of this process so far: allocated CUDA memory on a GPU, resident set size otherwise."""
+    """Peak memory so far: allocated CUDA memory on a GPU, resident set size otherwise (NaN on Windows)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource  # POSIX only: imported here so that the package imports on Windows, which anomalib supports
+    except ImportError:
+        return math.nan
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
