@@ -6,6 +6,7 @@
 fitted memory bank and threshold, the test metrics, the last training loss and the checkpoint's path.
 """
 
+import os
 import sys
 from pathlib import Path
 
@@ -30,7 +31,10 @@ def main(root: str, category: str, out_dir: str, devices: int, runs: list[str]) 
             coreset_sampling_ratio=0.5, visualizer=False, finetune_precision="32",
             pre_processor=AnomalousPatchCore.configure_pre_processor(image_size=(64, 64)),
         )
-        engine = Engine(default_root_dir=Path(out_dir) / name, logger=False, accelerator="cpu", devices=devices,
+        # One workspace per rank: anomalib's versioned folder (v0, v1, ...) is not rank-aware, and from the second
+        # run on both ranks are already running when they pick it, so a shared root races to create the same v0.
+        workspace = Path(out_dir) / name / f"rank{os.environ.get('LOCAL_RANK', '0')}"
+        engine = Engine(default_root_dir=workspace, logger=False, accelerator="cpu", devices=devices,
                         strategy="ddp" if devices > 1 else "auto", enable_progress_bar=False)
         engine.fit(model=model, datamodule=datamodule)
         loss = engine.trainer.callback_metrics.get("train_loss")
