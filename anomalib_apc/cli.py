@@ -1,4 +1,4 @@
-"""The ``anomalib-apc`` console script: ``benchmark``, ``export-bundle`` and ``predict``.
+"""The ``anomalib-apc`` console script: ``benchmark``, ``export-bundle``, ``predict`` and ``weights``.
 
 Only parses arguments and hands them to the packages that do the work. Errors that a user can fix
 (an :class:`~anomalib_apc.errors.ApcError`: a bad argument, a missing or existing file; or a file
@@ -11,6 +11,7 @@ import logging
 import sys
 import traceback
 from collections.abc import Sequence
+from pathlib import Path
 
 from anomalib_apc import __version__
 from anomalib_apc.errors import ApcError
@@ -40,11 +41,35 @@ def build_parser() -> argparse.ArgumentParser:
         ("export-bundle", "export a trained APC checkpoint as a deployment bundle", add_export_bundle_arguments,
          run_export_bundle),
         ("predict", "score images with a deployment bundle", add_predict_arguments, run_predict),
+        ("weights", "fetch named pretrained encoder weights into the cache (or a file)", add_weights_arguments,
+         run_weights),
     ):
         command = commands.add_parser(name, help=help_text, description=help_text)
         add_arguments(command)
         command.set_defaults(run=run)
     return parser
+
+
+def add_weights_arguments(parser: argparse.ArgumentParser) -> None:
+    """``anomalib-apc weights NAME [--output FILE]``: the names come from :mod:`anomalib_apc.named_weights`."""
+    from anomalib_apc.named_weights import NAMED_WEIGHTS
+
+    parser.add_argument("name", choices=sorted(NAMED_WEIGHTS), help="which weights (a timm state dict once converted)")
+    parser.add_argument("--output", type=Path, help="also copy the converted checkpoint to this file")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
+
+
+def run_weights(args: argparse.Namespace) -> int:
+    """Fetch (or find in the cache) the named weights and print where the checkpoint is."""
+    from anomalib_apc.named_weights import copy_named_weights, named_weights_path, named_weights_source
+
+    source = named_weights_source(args.name)
+    if args.output is not None:
+        path = copy_named_weights(args.name, args.output, overwrite=args.overwrite)
+    else:
+        path = named_weights_path(source)
+    print(f"{source.name}: timm {source.backbone} checkpoint at {path} (use init_weights: {source.name} or {path}).")
+    return 0
 
 
 def run_command(args: argparse.Namespace) -> int:

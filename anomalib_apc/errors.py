@@ -28,3 +28,7 @@ class OutputExistsError(ApcError, FileExistsError):
 
 class InterruptedRunError(ApcError, RuntimeError):
     """A run stopped by a signal (SIGTERM, SIGINT) before it finished; nothing complete was written."""
+
+
+class PretrainedWeightsUnavailableError(ApcError, RuntimeError):
+    """Pretrained weights that were asked for cannot be had (no hub or registry, not cached, not the pinned file)."""

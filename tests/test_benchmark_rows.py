@@ -21,9 +21,8 @@ from anomalib_apc.benchmark.results import BenchmarkResult, Initialisation, Mode
 from anomalib_apc.benchmark.runner import BASELINES, make_datamodules, run_benchmark, split_off_unavailable_variants
 from anomalib_apc.benchmark.settings import APC, PATCHCORE, BenchmarkSettings, parse_key_map
 from anomalib_apc.benchmark.variants import ABLATIONS_DIR, Variant, load_variants, select_variants
-from anomalib_apc.errors import InvalidInputError
+from anomalib_apc.errors import InvalidInputError, PretrainedWeightsUnavailableError
 from anomalib_apc.models import AnomalousPatchCore
-from anomalib_apc.models.apc.init_weights import PretrainedWeightsUnavailableError
 
 RANDOM = Initialisation(False, None, "random")
 

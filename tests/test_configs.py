@@ -7,7 +7,6 @@ from types import ModuleType
 
 import pytest
 import yaml
-from anomalib.cli import AnomalibCLI
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -24,23 +23,12 @@ CATEGORY_CONFIGS = sorted(CONFIGS.glob("*/mvtecad/*.yaml"))
 ABLATIONS = sorted(CONFIGS.glob("ablations/*.yaml"))
 
 
-class _ParseOnlyCLI(AnomalibCLI):
-    """anomalib's CLI that parses and validates (class paths, argument names and types) but builds nothing."""
-
-    def before_instantiate_classes(self) -> None:
-        """Nothing to prepare: no class is instantiated."""
-
-    def instantiate_classes(self) -> None:
-        """Skip creating models (ResNet-50s) and datamodules; parsing already validated their arguments."""
-
-
 @pytest.fixture(scope="module")
-def parse():
-    """Parse ``anomalib train`` arguments with one parser for all configs (building it takes seconds)."""
-    parser = _ParseOnlyCLI(["train", "--config", str(CATEGORY_CONFIGS[0])], run=False).parser
+def parse(anomalib_parser):
+    """Parse ``anomalib train`` arguments with one parser for all configs."""
 
     def parse_train(*arguments: str):
-        return parser.parse_args(["train", *arguments]).train
+        return anomalib_parser.parse_args(["train", *arguments]).train
 
     return parse_train
 

@@ -1,13 +1,14 @@
 """The demo dataset: MVTec AD layout, masks that mark the defects, determinism."""
 
 import hashlib
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from anomalib_apc.data import make_demo_dataset
+from anomalib_apc.data import SupervisedMVTecAD, make_demo_dataset
 from anomalib_apc.data.demo import DEFECT_TYPES
 
 
@@ -27,13 +28,27 @@ def demo_category(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_layout_and_counts(demo_category: Path) -> None:
     assert demo_category.name == "demo"
     assert len(list((demo_category / "train" / "good").glob("*.png"))) == 30
-    assert len(list((demo_category / "test" / "good").glob("*.png"))) == 10
+    assert len(list((demo_category / "test" / "good").glob("*.png"))) == 20
     assert len(DEFECT_TYPES) >= 3
     for defect_type in DEFECT_TYPES:
         images = sorted((demo_category / "test" / defect_type).glob("*.png"))
         masks = sorted((demo_category / "ground_truth" / defect_type).glob("*.png"))
-        assert len(images) == 8
+        assert len(images) == 20
         assert [f"{image.stem}_mask.png" for image in images] == [mask.name for mask in masks]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_benchmark_split_leaves_sixty_test_images_with_fifteen_of_each_defect_type(
+    demo_category: Path, seed: int
+) -> None:
+    """The demo's test set is large enough to judge: the 10 anomalies moved to APC's training leave the rest."""
+    datamodule = SupervisedMVTecAD(root=demo_category.parent, category=demo_category.name, num_anomalies=10, seed=seed)
+    datamodule.setup()
+    samples = datamodule.test_data.samples
+    assert len(samples) >= 60
+    labelled = zip(samples.image_path, samples.label_index, strict=True)
+    defects = Counter(Path(path).parent.name for path, label in labelled if label)
+    assert set(defects) == set(DEFECT_TYPES) and min(defects.values()) >= 15
 
 
 def test_images_are_rgb_and_structured_and_masks_mark_visible_defects(demo_category: Path) -> None:

@@ -173,7 +173,7 @@ def test_checkpoint_errors_are_the_projects_errors(tmp_path: Path) -> None:
 OFFLINE_PROBE = """
 from anomalib_apc.models import AnomalousPatchCore
 from anomalib_apc.models.apc.encoder import TimmEncoder
-from anomalib_apc.models.apc.init_weights import PretrainedWeightsUnavailableError
+from anomalib_apc.errors import PretrainedWeightsUnavailableError
 
 try:
     TimmEncoder("resnet18", ("layer2", "layer3"), pre_trained=True)
@@ -206,7 +206,8 @@ def test_offline_hub_gives_one_actionable_line_at_once(tmp_path: Path) -> None:
     expected = (
         "Cannot load pretrained weights for 'resnet18' (HF_HUB_OFFLINE is set and they are not in the local cache). "
         "Pass init_weights=PATH (a torchvision, timm or MoCo v3 checkpoint file; `--model.init_weights PATH` on the "
-        "CLI) or pre_trained=False (`--model.pre_trained false`) for a random initialisation."
+        "CLI), backbone vgg16_bn with init_weights=craft-vgg16-bn (pretrained, from the package registry), or "
+        "pre_trained=False (`--model.pre_trained false`) for a random initialisation."
     )
     assert lines["ENCODER"] == f"{expected!r} True"
     assert lines["FIT"] == repr(expected)

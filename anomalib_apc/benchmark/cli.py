@@ -14,22 +14,23 @@ from collections.abc import Sequence
 from dataclasses import Field, fields
 from typing import Any
 
-from anomalib_apc.benchmark.settings import MVTEC_LAYOUT, PAPER_PROFILE, QUICK_PROFILE, BenchmarkSettings, Profile
+from anomalib_apc.benchmark.settings import DEMO_PROFILE, MVTEC_LAYOUT, PAPER_PROFILE, BenchmarkSettings, Profile
 from anomalib_apc.errors import ApcError
 
 DESCRIPTION = "Train anomalib's Patchcore and AnomalousPatchCore on one supervised split and compare them."
 
 
 def _profile_line(datasets: str, profile: Profile, note: str) -> str:
+    weights = f" from {profile.init_weights}" if profile.init_weights else ""
     return (
-        f"  {datasets:<22}{profile.backbone}, {profile.image_size} px, {profile.finetune_epochs} fine-tuning epochs "
-        f"({note})"
+        f"  {datasets:<22}{profile.backbone}{weights} ({' + '.join(profile.layers)}), {profile.image_size} px, "
+        f"{profile.finetune_epochs} fine-tuning epochs, seeds {' '.join(map(str, profile.seeds))} ({note})"
     )
 
 
 EPILOG = f"""\
 defaults by dataset:
-{_profile_line("demo", QUICK_PROFILE, "finishes in a few minutes on a CPU")}
+{_profile_line("demo", DEMO_PROFILE, "about 5 minutes on a 2-core CPU")}
 {_profile_line(f"mvtecad/{MVTEC_LAYOUT}", PAPER_PROFILE, "the paper's settings")}
 
 examples:

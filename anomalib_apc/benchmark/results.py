@@ -19,13 +19,13 @@ class Initialisation:
 
     Attributes:
         pre_trained: Load timm's hub weights.
-        init_weights: Checkpoint file to load instead.
+        init_weights: Checkpoint file, or the name of named weights, to load instead.
         description: One line for the report.
         notice: Set when the requested weights could not be had and both models fall back to random.
     """
 
     pre_trained: bool
-    init_weights: Path | None
+    init_weights: str | Path | None
     description: str
     notice: str | None = None
 

