@@ -127,11 +127,16 @@ def run(args: argparse.Namespace, work_dir: Path) -> None:
           f"normalised scores within {report.max_normalized_score_difference:.2e}.")
 
 
+MIN_PARITY_IMAGES = 4
+"""Test images for calibration and the parity check at least: with one, its score is the minimum, the maximum
+and the median threshold at once, and float noise between bundle and model decides its label."""
+
+
 def load_images(args: argparse.Namespace, work_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """Training images (enough patches for the memory bank) and test images, RGB at the model's input size."""
     height, width = args.image_size // 8, args.image_size // 8  # layer2 of a ResNet
     needed_train = math.ceil(1.5 * args.memory_bank_size / (height * width))
-    needed_test = max(args.batch_sizes)
+    needed_test = max(*args.batch_sizes, MIN_PARITY_IMAGES)
     category_dir = args.category_dir or make_demo_dataset(
         work_dir / "data", image_size=args.image_size, num_train=needed_train, num_test_normal=needed_test // 2,
         num_per_defect_type=math.ceil(needed_test / 6),

@@ -246,6 +246,8 @@ def markdown_report(
         f"# {' vs '.join(settings.baselines)} vs AnomalousPatchCore",
         "",
         *verdict_lines(differences, settings.baselines[0] if settings.baselines else PATCHCORE),
+        "## Settings",
+        "",
         (
             f"- Data: {settings.dataset} ({_data_location(result)}); {settings.num_anomalies} anomalies per "
             "category moved from test to APC's training and removed from both models' test sets."
