@@ -17,15 +17,16 @@ from anomalib_apc.benchmark.data import CategoryData, resolve_categories
 from anomalib_apc.benchmark.meter import warm_up
 from anomalib_apc.benchmark.models import build_models, resolve_initialisation
 from anomalib_apc.benchmark.report import (
+    METRIC_HEADERS,
     all_paired_differences,
     markdown_report,
     paired_differences,
     summarise,
-    verdict_lines,
 )
 from anomalib_apc.benchmark.results import BenchmarkResult, Initialisation, ModelRun, SplitRun
 from anomalib_apc.benchmark.runner import describe_split_mismatch
 from anomalib_apc.benchmark.settings import APC, PATCHCORE, PATCHCORE_FAST_CORESET, BenchmarkSettings
+from anomalib_apc.benchmark.verdict import verdict_lines
 from anomalib_apc.data import SPLIT_FILE_NAME, make_demo_dataset
 from anomalib_apc.errors import PretrainedWeightsUnavailableError
 
@@ -310,7 +311,7 @@ def test_verdict_names_the_better_model_per_level_and_judges_the_difference_agai
 ) -> None:
     # image AUROC: +3, +5, +4 points (mean 4, spread 1: beyond it); pixel: -1, +2, -2.5 (mean -0.5, spread 2.3: within)
     result = _two_model_result(tmp_path, {0: (0.03, -0.01), 1: (0.05, 0.02), 2: (0.04, -0.025)})
-    lines = verdict_lines(all_paired_differences(result), PATCHCORE)
+    lines = verdict_lines(all_paired_differences(result), PATCHCORE, METRIC_HEADERS)
     assert lines[:4] == ["## Verdict", "", "**part** (APC minus Patchcore, paired over 3 seeds):", ""]
     assert lines[4] == "- Detection: APC detects better (+4.00 ± 1.00 Image AUROC)."
     assert lines[5] == "- Localisation: Patchcore localises better (-0.50 ± 2.29 Pixel AUROC and -0.50 ± 2.29 AUPRO)."
@@ -322,6 +323,8 @@ def test_verdict_names_the_better_model_per_level_and_judges_the_difference_agai
 
 
 def test_verdict_of_one_seed_says_there_is_no_spread(tmp_path: Path) -> None:
-    lines = verdict_lines(all_paired_differences(_two_model_result(tmp_path, {0: (-0.02, 0.01)})), PATCHCORE)
+    lines = verdict_lines(
+        all_paired_differences(_two_model_result(tmp_path, {0: (-0.02, 0.01)})), PATCHCORE, METRIC_HEADERS
+    )
     assert "- Detection: Patchcore detects better (-2.00 Image AUROC)." in lines
     assert "- One seed: no spread to judge these differences by (run --seeds 0 1 2)." in lines

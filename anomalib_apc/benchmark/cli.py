@@ -14,7 +14,8 @@ from collections.abc import Sequence
 from dataclasses import Field, fields
 from typing import Any
 
-from anomalib_apc.benchmark.settings import DEMO_PROFILE, MVTEC_LAYOUT, PAPER_PROFILE, BenchmarkSettings, Profile
+from anomalib_apc.benchmark.profiles import DEMO_PROFILE, PAPER_PROFILE, Profile
+from anomalib_apc.benchmark.settings import MVTEC_LAYOUT, BenchmarkSettings
 from anomalib_apc.errors import ApcError
 
 DESCRIPTION = "Train anomalib's Patchcore and AnomalousPatchCore on one supervised split and compare them."

@@ -23,6 +23,7 @@ from typing import Any
 from anomalib_apc.benchmark.figures import write_figures
 from anomalib_apc.benchmark.results import DEMO_DATASET_DIR, FIGURES_DIR, RESULT_FILES, BenchmarkResult, ModelRun
 from anomalib_apc.benchmark.settings import APC, PATCHCORE, BenchmarkSettings
+from anomalib_apc.benchmark.verdict import verdict_lines
 
 MEAN_CATEGORY = "mean"
 
@@ -55,6 +56,7 @@ QUANTITIES = (
     Quantity("memory_bank_rows", "Memory bank rows", lambda run: run.memory_bank_rows, decimals=0, show_spread=False),
 )
 METRIC_QUANTITIES = tuple(quantity for quantity in QUANTITIES if quantity.percent)
+METRIC_HEADERS = {quantity.key: quantity.header for quantity in METRIC_QUANTITIES}
 
 
 @dataclass(frozen=True)
@@ -245,7 +247,7 @@ def markdown_report(
     lines = [
         f"# {' vs '.join(settings.baselines)} vs AnomalousPatchCore",
         "",
-        *verdict_lines(differences, settings.baselines[0] if settings.baselines else PATCHCORE),
+        *verdict_lines(differences, settings.baselines[0] if settings.baselines else PATCHCORE, METRIC_HEADERS),
         "## Settings",
         "",
         (
@@ -299,50 +301,6 @@ def markdown_report(
     lines += [f"![{Path(link).stem.replace('_', ' ')}]({link})" for link in figure_links] or ["(no run finished)"]
     lines.append("")
     return "\n".join(lines)
-
-
-VERDICT_LEVELS = (
-    ("Detection", "detects", ("image_AUROC",)),
-    ("Localisation", "localises", ("pixel_AUROC", "AUPRO")),
-)
-"""Each verdict line: its name, its verb, and the paired differences it reads (the first decides who is better)."""
-
-
-def verdict_lines(differences: Sequence[dict], reference: str) -> list[str]:
-    """Per category, in three lines: who detects better, who localises better, by how much, against the seed spread.
-
-    The difference is APC minus ``reference`` paired by seed; it *exceeds the seed spread* when its mean is
-    larger in size than the standard deviation of the paired differences over seeds (one seed has no spread).
-    """
-    headers = {quantity.key: quantity.header for quantity in METRIC_QUANTITIES}
-    rows = [row for row in differences if (row["model"], row["reference"]) == (APC, reference)]
-    lines = ["## Verdict", ""] if rows else []
-    for row in rows:
-        seeds = row["seeds"]
-        lines += [f"**{row['category']}** ({APC} minus {reference}, paired over {seeds} seed{'s' * (seeds > 1)}):", ""]
-        judged = []
-        for level, verb, keys in VERDICT_LEVELS:
-            deciding = row[keys[0]]
-            winner = "neither model" if deciding == 0 else (APC if deciding > 0 else reference)
-            figures = " and ".join(f"{_signed_points(row, key)} {headers[key]}" for key in keys)
-            lines.append(f"- {level}: {winner} {verb} better ({figures}).")
-            judged.append(f"{headers[keys[0]]} {_against_spread(row, keys[0])}")
-        if seeds < 2:
-            lines.append("- One seed: no spread to judge these differences by (run --seeds 0 1 2).")
-        else:
-            lines.append(f"- Against the seed spread: {'; '.join(judged)}.")
-        lines.append("")
-    return lines
-
-
-def _signed_points(row: dict, key: str) -> str:
-    std = row[f"{key}_std"]
-    return f"{100 * row[key]:+.2f}" + (f" ± {100 * std:.2f}" if std is not None else "")
-
-
-def _against_spread(row: dict, key: str) -> str:
-    std = row[f"{key}_std"] or 0.0
-    return "exceeds it" if abs(row[key]) > std else "within it (not distinguishable)"
 
 
 def _size_text(settings: BenchmarkSettings) -> str:

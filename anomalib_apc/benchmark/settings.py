@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from anomalib_apc.benchmark.profiles import DEFAULT_LAYERS, DEMO_PROFILE, PAPER_PROFILE
 from anomalib_apc.errors import InvalidInputError
 from anomalib_apc.named_weights import NAMED_WEIGHTS
 
@@ -26,40 +27,6 @@ MVTEC_LAYOUT = "mvtec-layout"
 DATASETS = ("demo", "mvtecad", MVTEC_LAYOUT)
 DEPRECATED_DATASET_NAMES = {"folder": MVTEC_LAYOUT}
 """Old ``--dataset`` names still accepted, with a notice: ``folder`` read like anomalib's ``Folder``."""
-
-
-@dataclass(frozen=True)
-class Profile:
-    """The settings used when the user does not choose them, per kind of dataset.
-
-    ``layers`` and ``init_weights`` belong to ``backbone``: they apply only while the backbone is the
-    profile's (another backbone gets its ``DEFAULT_LAYERS`` and the ``pre_trained`` hub weights).
-    """
-
-    backbone: str
-    image_size: int
-    finetune_epochs: int
-    layers: tuple[str, ...] = ("layer2", "layer3")
-    init_weights: str | None = None
-    seeds: tuple[int, ...] = (0,)
-
-
-DEFAULT_LAYERS = ("layer2", "layer3")
-"""Memory-bank stages of a backbone that no profile describes: ResNet's ``layer2`` + ``layer3``, as PatchCore."""
-
-DEMO_PROFILE = Profile(
-    backbone="vgg16_bn",
-    image_size=128,
-    finetune_epochs=5,
-    layers=("features.22", "features.32"),
-    init_weights="craft-vgg16-bn",
-    seeds=(0, 1, 2),
-)
-"""For the demo dataset: pretrained features that install from the package registry (CRAFT's VGG16-BN trunk,
-conv3_3 + conv4_3), three seeds for a spread; Patchcore and APC both finish in about 5 minutes on a 2-core CPU."""
-
-PAPER_PROFILE = Profile(backbone="resnet50", image_size=256, finetune_epochs=50)
-"""For real data (MVTec AD, one folder in its layout): the paper's ResNet-50 and 50 epochs, at anomalib's 256 px."""
 
 
 @dataclass(frozen=True)
@@ -106,7 +73,7 @@ def cli(help: str, group: str, **keywords: Any) -> dict[str, CliOption]:
 
 @dataclass(frozen=True)
 class BenchmarkSettings:
-    """Everything a benchmark run depends on; ``None`` fields take the dataset's :class:`Profile`.
+    """Everything a benchmark run depends on; ``None`` fields take the dataset's profile (``profiles``).
 
     Each field's help (shown by ``anomalib-apc benchmark --help``) is its documentation.
     """
