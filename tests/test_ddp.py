@@ -128,3 +128,11 @@ def test_two_processes_build_the_one_process_memory_bank_and_scores(tiny_dataset
     engine = Engine(default_root_dir=tmp_path / "test", logger=False, accelerator="cpu", enable_progress_bar=False)
     [metrics] = engine.test(model=model, datamodule=datamodule)
     assert {key: float(value) for key, value in metrics.items()} == pytest.approx(tuned["metrics"], abs=1e-6)
+
+
+@pytest.mark.parametrize(("rank", "drawn"), [(0, True), (1, False)])
+def test_phase_2_draws_its_progress_bar_on_rank_0_only(rank: int, drawn: bool, capsys: pytest.CaptureFixture) -> None:
+    from anomalib_apc.models.apc.memory_bank import progress
+
+    assert list(progress(iter(range(3)), "Embedding normal training images", rank)) == [0, 1, 2]
+    assert ("Embedding normal training images" in capsys.readouterr().err) is drawn

@@ -9,7 +9,7 @@ images only, the datamodule's ``normal_train_dataloader()``.
 
 A model declares it by a class attribute named :data:`TRAINS_ON_ANOMALIES` set to ``True``. The name
 is written out here and on the model, not imported: data/ never imports models/
-(``tests/test_data_split.py`` checks that the two agree).
+(``tests/test_training_view.py`` checks that the two agree).
 """
 
 from typing import Any

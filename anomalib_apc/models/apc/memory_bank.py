@@ -8,8 +8,9 @@ of a model loaded from the checkpoint in a fresh process.
 """
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from functools import partial
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -24,6 +25,8 @@ from .precision import full_precision
 from .torch_model import AnomalousPatchCoreModel
 
 logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 
 def build_memory_bank_on_all_ranks(
@@ -55,9 +58,9 @@ def build_memory_bank_on_all_ranks(
     embeddings = []
     with full_precision(device):
         if reestimate_batchnorm:
-            batches = tqdm(normal_images_of(normal_images), desc="Re-estimating batch-norm statistics", unit="batch")
+            batches = progress(normal_images_of(normal_images), "Re-estimating batch-norm statistics", rank)
             reestimate_batchnorm_statistics(model.feature_extractor, batches, transform, device)
-        for images in tqdm(normal_images_of(loader), desc="Embedding normal training images", unit="batch"):
+        for images in progress(normal_images_of(loader), "Embedding normal training images", rank):
             images = images.to(device)
             embeddings.append(model.patch_embeddings(transform(images) if transform else images))
             between_batches()
@@ -69,6 +72,11 @@ def build_memory_bank_on_all_ranks(
         logger.info("Memory bank of %d rows on each of %d ranks; rank %d peak memory %.0f MiB.",
                     len(model.memory_bank), world_size, rank, peak_memory_mib(device))
     between_batches()
+
+
+def progress(batches: Iterable[_T], description: str, rank: int) -> Iterable[_T]:
+    """``batches`` with a progress bar on rank 0 only: under DDP the other ranks would draw the same bar again."""
+    return tqdm(batches, desc=description, unit="batch", disable=rank != 0)
 
 
 def _select_coreset(
