@@ -9,15 +9,11 @@ traceback. Anything else (a torch out-of-memory, a bug) keeps Python's traceback
 import argparse
 import logging
 import sys
-import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
 from anomalib_apc import __version__
-from anomalib_apc.errors import ApcError
-
-USER_ERRORS = (ApcError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
-USER_ERROR_STATUS = 2
+from anomalib_apc.errors import run_reporting_user_errors
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,18 +69,8 @@ def run_weights(args: argparse.Namespace) -> int:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    """Runs a parsed command (``args.run``) and returns its exit status.
-
-    A user error becomes one line on stderr and :data:`USER_ERROR_STATUS`, with its traceback before it
-    when ``args.verbose``; every other exception propagates.
-    """
-    try:
-        return int(args.run(args) or 0)
-    except USER_ERRORS as error:
-        if args.verbose:
-            traceback.print_exception(error, file=sys.stderr)
-        print(f"anomalib-apc {args.command}: error: {error}", file=sys.stderr)
-        return USER_ERROR_STATUS
+    """Runs a parsed command (``args.run``) under the project's error policy and returns its exit status."""
+    return run_reporting_user_errors(lambda: args.run(args), f"anomalib-apc {args.command}", args.verbose)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

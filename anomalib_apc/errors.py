@@ -6,8 +6,12 @@ classes also derive from the built-in exception a Python caller would expect (``
 out-of-memory, a genuine bug) is not an ``ApcError`` and keeps its traceback.
 
 This module is the bottom of the import graph: every layer may import it, it imports nothing of
-the project.
+the project. :func:`run_reporting_user_errors` is the one error policy of every command line.
 """
+
+import sys
+import traceback
+from collections.abc import Callable
 
 
 class ApcError(Exception):
@@ -32,3 +36,23 @@ class InterruptedRunError(ApcError, RuntimeError):
 
 class PretrainedWeightsUnavailableError(ApcError, RuntimeError):
     """Pretrained weights that were asked for cannot be had (no hub or registry, not cached, not the pinned file)."""
+
+
+USER_ERRORS = (ApcError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
+"""What a user can fix: the project's errors and the operating system's file errors. Other ``OSError`` s (a
+connection reset, a full disk) and every other exception keep their traceback, so they can be reported."""
+USER_ERROR_STATUS = 2
+
+
+def run_reporting_user_errors(run: Callable[[], int | None], program: str, verbose: bool) -> int:
+    """``run()``'s exit status; a :data:`USER_ERRORS` error becomes one line on stderr and :data:`USER_ERROR_STATUS`.
+
+    With ``verbose`` the line follows the error's traceback. Any other exception propagates.
+    """
+    try:
+        return int(run() or 0)
+    except USER_ERRORS as error:
+        if verbose:
+            traceback.print_exception(error, file=sys.stderr)
+        print(f"{program}: error: {error}", file=sys.stderr)
+        return USER_ERROR_STATUS

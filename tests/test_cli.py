@@ -6,8 +6,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from anomalib_apc.cli import USER_ERROR_STATUS, main, run_command
-from anomalib_apc.errors import InterruptedRunError, InvalidInputError, MissingInputError, OutputExistsError
+from anomalib_apc.cli import main, run_command
+from anomalib_apc.errors import (
+    USER_ERROR_STATUS,
+    InterruptedRunError,
+    InvalidInputError,
+    MissingInputError,
+    OutputExistsError,
+)
 
 
 def _command_raising(error: BaseException, verbose: bool = False) -> argparse.Namespace:
@@ -83,3 +89,33 @@ def test_predict_with_a_missing_bundle_is_a_user_error(
     assert str(missing) in lines[-1]
     assert ("Traceback (most recent call last):" in lines) is verbose
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("error", "is_user_error"),
+    [
+        (OutputExistsError("results exist"), True),
+        (PermissionError("permission denied: out"), True),
+        (ConnectionResetError("connection reset"), False),  # an OSError, but nothing the user's input caused
+        (RuntimeError("a bug"), False),
+    ],
+)
+def test_both_entry_points_share_one_error_policy(
+    error: Exception, is_user_error: bool, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    from anomalib_apc.benchmark.cli import main as benchmark_main
+
+    def fail(*arguments: object, **keywords: object) -> None:
+        raise error
+
+    monkeypatch.setattr("anomalib_apc.benchmark.runner.run_benchmark", fail)
+    for entry_point, argv, program in (
+        (main, ["benchmark", "--seeds", "0"], "anomalib-apc benchmark"),
+        (benchmark_main, ["--seeds", "0"], "python -m anomalib_apc.benchmark"),
+    ):
+        if is_user_error:
+            assert entry_point(argv) == 2
+            assert capsys.readouterr().err.strip().splitlines() == [f"{program}: error: {error}"]
+        else:
+            with pytest.raises(type(error)):
+                entry_point(argv)

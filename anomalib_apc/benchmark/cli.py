@@ -16,7 +16,7 @@ from typing import Any
 
 from anomalib_apc.benchmark.profiles import DEMO_PROFILE, PAPER_PROFILE, Profile
 from anomalib_apc.benchmark.settings import MVTEC_LAYOUT, BenchmarkSettings
-from anomalib_apc.errors import ApcError
+from anomalib_apc.errors import run_reporting_user_errors
 
 DESCRIPTION = "Train anomalib's Patchcore and AnomalousPatchCore on one supervised split and compare them."
 
@@ -148,8 +148,7 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m anomalib_apc.benchmark``: the benchmark command alone, without the other commands' imports.
 
-    A user error (an :class:`ApcError`, or a file that cannot be read or written) is one line and
-    exit status 2; ``-v`` shows its traceback.
+    Errors are reported as by ``anomalib-apc`` (:func:`~anomalib_apc.errors.run_reporting_user_errors`).
     """
     parser = argparse.ArgumentParser(prog="python -m anomalib_apc.benchmark", description=DESCRIPTION)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level, tracebacks of errors")
@@ -158,10 +157,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
-    try:
-        return run(args)
-    except (ApcError, OSError) as error:
-        if args.verbose:
-            raise
-        print(f"{parser.prog}: error: {error}", file=sys.stderr)
-        return 2
+    return run_reporting_user_errors(lambda: run(args), parser.prog, args.verbose)
