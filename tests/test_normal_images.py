@@ -1,11 +1,8 @@
 """The model/data contract: which datamodules say how many anomalies their training split holds."""
 
+from anomalib_apc.contracts import NormalTrainingImagesSource, SplitCountsSource
 from anomalib_apc.data import SupervisedMVTecAD
-from anomalib_apc.models.apc.normal_images import (
-    NormalTrainingImagesSource,
-    SplitCountsSource,
-    training_anomaly_count,
-)
+from anomalib_apc.models.apc.normal_images import training_anomaly_count
 
 
 class _Counts:

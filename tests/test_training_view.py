@@ -13,9 +13,8 @@ import torch
 from anomalib.models import Patchcore
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 
+from anomalib_apc.contracts import AnomalyTrainee, trains_on_anomalous_images
 from anomalib_apc.data import SupervisedMVTecAD
-from anomalib_apc.data.training_view import TRAINS_ON_ANOMALIES, trains_on_anomalous_images
-from anomalib_apc.models import AnomalousPatchCore
 from tests.conftest import TINY_IMAGE_SIZE, TinyDataset, tiny_apc_model, tiny_engine
 
 
@@ -41,9 +40,10 @@ class _TrainingLabels(Callback):
 
 
 def test_the_model_declares_the_attribute_the_datamodule_reads() -> None:
-    assert getattr(AnomalousPatchCore, TRAINS_ON_ANOMALIES) is True
-    assert trains_on_anomalous_images(tiny_apc_model())
+    model = tiny_apc_model()
+    assert isinstance(model, AnomalyTrainee) and trains_on_anomalous_images(model)
     assert not trains_on_anomalous_images(Patchcore)
+    assert not trains_on_anomalous_images(type("Declines", (), {"trains_on_anomalous_images": False})())
 
 
 @pytest.mark.integration

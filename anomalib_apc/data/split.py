@@ -34,12 +34,13 @@ from anomalib.data.datasets.base.image import AnomalibDataset
 from anomalib.data.utils import LabelName
 from torch.utils.data import DataLoader
 
+from anomalib_apc.contracts import AnomalyTrainee, trains_on_anomalous_images
 from anomalib_apc.data.basic_augmentation import BasicAugmentation
 from anomalib_apc.data.cutpaste import CutPaste
 from anomalib_apc.data.image_dataset import ImageFileDataset
 from anomalib_apc.data.sampler import ContiguousShardSampler, TrainDrawSampler
 from anomalib_apc.data.train_dataset import SupervisedTrainDataset, cutpaste_source_indices
-from anomalib_apc.data.training_view import TRAINS_ON_ANOMALIES, attached_model, trains_on_anomalous_images
+from anomalib_apc.data.training_view import attached_model
 from anomalib_apc.data.validation import check_image_files
 from anomalib_apc.errors import InvalidInputError
 
@@ -177,8 +178,8 @@ class SupervisedSplitMixin:
             return super().train_dataloader()  # type: ignore[misc]
         model = attached_model(self.trainer)
         if model is not None and not trains_on_anomalous_images(model):
-            logger.info("%s does not declare %s: %s serves it the normal training images only (one-class view).",
-                        type(model).__name__, TRAINS_ON_ANOMALIES, self.name)
+            logger.info("%s is no %s (trains_on_anomalous_images): %s serves it the normal training images only "
+                        "(one-class view).", type(model).__name__, AnomalyTrainee.__name__, self.name)
             return self.normal_train_dataloader()
         if model is not None:
             logger.info("%s trains on anomalous images: %s serves it the supervised training batches.",

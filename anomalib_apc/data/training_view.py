@@ -7,20 +7,11 @@ one-class model trained on the same datamodule, e.g. anomalib's ``Patchcore`` in
 anomalies and CutPaste patches into its memory bank. Such a model gets the real normal training
 images only, the datamodule's ``normal_train_dataloader()``.
 
-A model declares it by a class attribute named :data:`TRAINS_ON_ANOMALIES` set to ``True``. The name
-is written out here and on the model, not imported: data/ never imports models/
-(``tests/test_training_view.py`` checks that the two agree).
+A model declares it as an :class:`~anomalib_apc.contracts.AnomalyTrainee` (``trains_on_anomalous_images
+= True``); the contract module is what both layers import, so data/ still never imports models/.
 """
 
 from typing import Any
-
-TRAINS_ON_ANOMALIES = "trains_on_anomalous_images"
-"""Name of the attribute a LightningModule sets to ``True`` to receive the supervised training batches."""
-
-
-def trains_on_anomalous_images(model: object) -> bool:
-    """Whether ``model`` declares (:data:`TRAINS_ON_ANOMALIES`) that it fine-tunes on labelled anomalies."""
-    return getattr(model, TRAINS_ON_ANOMALIES, False) is True
 
 
 def attached_model(trainer: Any) -> object | None:

@@ -122,7 +122,8 @@ class AnomalousPatchCore(MemoryBankMixin, AnomalibModule):
     """
 
     trains_on_anomalous_images = True
-    """Asks the supervised datamodules for their training batches with anomalies (anomalib_apc.data.training_view)."""
+    """Makes this an ``anomalib_apc.contracts.AnomalyTrainee``: the supervised datamodules serve it their
+    training batches with anomalies."""
 
     def __init__(
         self,

@@ -1,4 +1,4 @@
-"""The one contract between a model's memory bank and a datamodule: "give me the real normal training images".
+"""Reading the real normal training images (and the training split's anomaly count) through the contract.
 
 PatchCore-style memory banks must be built from normal images only, without CutPaste anomalies or
 the oversampling of a balanced training sampler. A datamodule that can serve them offers
@@ -8,40 +8,20 @@ read through its ordinary training dataloader, keeping the images whose batch la
 The model, the bundle export and the benchmark all read normal images through
 :func:`normal_training_images`, so the three cannot disagree about which images build a memory bank.
 
-A datamodule may also say how many normal and anomalous images each split holds
-(:class:`SplitCountsSource`, ``split_counts()``); the model reads it through
-:func:`training_anomaly_count` to refuse a training set without anomalies before fine-tuning starts.
-
-The model layer defines the contract and never imports the data layer: datamodules satisfy it
-structurally.
+A datamodule may also say how many normal and anomalous images each split holds (``split_counts()``);
+the model reads it through :func:`training_anomaly_count` to refuse a training set without anomalies
+before fine-tuning starts. The contract itself is :mod:`anomalib_apc.contracts`.
 """
 
 import logging
 from collections.abc import Iterator
-from typing import Protocol, runtime_checkable
 
 import torch
 from torch.utils.data import DataLoader
 
+from anomalib_apc.contracts import NormalTrainingImagesSource, SplitCountsSource
+
 logger = logging.getLogger(__name__)
-
-
-@runtime_checkable
-class NormalTrainingImagesSource(Protocol):
-    """A datamodule that can serve its real normal training images, in a fixed order."""
-
-    def normal_train_dataloader(self) -> DataLoader:
-        """Batches of the real normal training images only (no synthetic anomalies, no oversampling)."""
-        ...
-
-
-@runtime_checkable
-class SplitCountsSource(Protocol):
-    """A datamodule that can count the normal and anomalous images of its splits once set up."""
-
-    def split_counts(self) -> dict[str, dict[str, int]]:
-        """``{"train": {"normal": n, "anomalous": a}, ...}`` for each split that exists."""
-        ...
 
 
 def training_anomaly_count(datamodule: object) -> int | None:
