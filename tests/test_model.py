@@ -7,7 +7,7 @@ from anomalib.data import ImageBatch
 from anomalib_apc.errors import InvalidInputError
 from anomalib_apc.models import AnomalousPatchCore, AnomalousPatchCoreModel
 from anomalib_apc.models.apc.loss import ApcLoss
-from anomalib_apc.models.apc.memory import concatenate_releasing
+from anomalib_apc.models.apc.memory_bank import concatenate_releasing
 from anomalib_apc.models.apc.torch_model import TASKS
 
 IMAGE_SIZE = 64

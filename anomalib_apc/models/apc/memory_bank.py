@@ -19,7 +19,6 @@ from tqdm import tqdm
 
 from .batchnorm import reestimate_batchnorm_statistics
 from .distributed import broadcast_from_rank0, gather_rows, peak_memory_mib, shard_batches, world
-from .memory import concatenate_releasing
 from .normal_images import normal_images_of
 from .precision import full_precision
 from .torch_model import AnomalousPatchCoreModel
@@ -86,3 +85,26 @@ def _select_coreset(
     logger.info("Selecting a %.1f %% coreset of %d normal patches.", 100 * sampling_ratio, len(memory))
     model.build_memory_bank(memory, sampling_ratio, seed=seed)
     return model.memory_bank
+
+
+def concatenate_releasing(chunks: list[torch.Tensor], device: torch.device | str = "cpu") -> torch.Tensor:
+    """Concatenate row chunks, emptying ``chunks`` as it goes.
+
+    ``torch.cat`` holds every chunk and the result at once: twice the memory bank's patches, several
+    GB at real data sizes. Copying chunk by chunk into the result while dropping each chunk keeps
+    the peak at the result plus one chunk.
+
+    Args:
+        chunks: Tensors with the same trailing shape; the list is empty afterwards.
+        device: Device of the empty result when there are no chunks (otherwise the chunks' device).
+    """
+    if not chunks:
+        return torch.empty(0, device=device)
+    result = chunks[0].new_empty((sum(len(chunk) for chunk in chunks), *chunks[0].shape[1:]))
+    offset = 0
+    chunks.reverse()
+    while chunks:
+        chunk = chunks.pop()
+        result[offset : offset + len(chunk)] = chunk
+        offset += len(chunk)
+    return result
