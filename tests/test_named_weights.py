@@ -136,9 +136,11 @@ def test_without_the_registry_the_error_is_one_line_naming_the_alternatives(regi
     assert "init_weights=PATH" in message and "pre_trained=False" in message
 
 
-def _conv1_to_5_2(key: str) -> bool:
-    """Whether a timm ``vgg16_bn`` key lies in CRAFT's trunk: ``features.0`` to ``features.38``."""
-    return int(key.split(".")[1]) < 39
+def craft_trunk(seed: int) -> dict[str, torch.Tensor]:
+    """Random timm ``vgg16_bn`` tensors of CRAFT's trunk: ``features.0`` to ``features.38`` (conv1_1 to conv5_2)."""
+    torch.manual_seed(seed)
+    state = timm.create_model("vgg16_bn").state_dict()
+    return {key: value for key, value in state.items() if key.startswith("features.") and int(key.split(".")[1]) < 39}
 
 
 def craft_layout(trunk: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -154,9 +156,7 @@ def craft_layout(trunk: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def test_craft_checkpoint_becomes_timm_vgg16_bn_features_up_to_conv5_2() -> None:
-    torch.manual_seed(0)
-    model_state = timm.create_model("vgg16_bn").state_dict()
-    trunk = {key: value for key, value in model_state.items() if key.startswith("features.") and _conv1_to_5_2(key)}
+    trunk = craft_trunk(seed=0)
 
     converted = convert(CRAFT_VGG16_BN, checkpoint_bytes(craft_layout(trunk)))
 
@@ -165,12 +165,7 @@ def test_craft_checkpoint_becomes_timm_vgg16_bn_features_up_to_conv5_2() -> None
 
 
 def test_a_checkpoint_that_does_not_fit_the_backbone_is_refused() -> None:
-    torch.manual_seed(0)
-    trunk = {
-        key: value
-        for key, value in timm.create_model("vgg16_bn").state_dict().items()
-        if key.startswith("features.") and _conv1_to_5_2(key)
-    }
+    trunk = craft_trunk(seed=0)
     missing_layer = {key: value for key, value in trunk.items() if not key.startswith("features.34.")}
     wrong_shape = trunk | {"features.0.weight": torch.zeros(64, 3, 5, 5)}
 
@@ -186,12 +181,7 @@ def test_a_checkpoint_that_does_not_fit_the_backbone_is_refused() -> None:
 def cached_craft(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, torch.Tensor]:
     """A converted CRAFT trunk (random values) in an empty cache, as a first successful call leaves it."""
     monkeypatch.setenv(named_weights.CACHE_DIR_VARIABLE, str(tmp_path / "cache"))
-    torch.manual_seed(3)
-    trunk = {
-        key: value
-        for key, value in timm.create_model("vgg16_bn").state_dict().items()
-        if key.startswith("features.") and _conv1_to_5_2(key)
-    }
+    trunk = craft_trunk(seed=3)
     (tmp_path / "cache").mkdir()
     torch.save(trunk, tmp_path / "cache" / CRAFT_VGG16_BN.file_name)
     return trunk

