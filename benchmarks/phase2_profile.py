@@ -34,9 +34,8 @@ from anomalib.models.components.sampling import KCenterGreedy
 from anomalib_apc.benchmark.models import copy_initial_weights
 from anomalib_apc.data import SupervisedMVTecAD
 from anomalib_apc.models import AnomalousPatchCore
-from anomalib_apc.models.apc.memory_bank import concatenate_releasing
 from anomalib_apc.models.apc.normal_images import normal_training_dataloader
-from anomalib_apc.sampling import FastKCenterGreedy, seeded_global_rngs
+from anomalib_apc.sampling import FastKCenterGreedy, concatenate_releasing, seeded_global_rngs
 
 DEFAULT_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "mpdd"
 STEPS = ("load", "extract", "aggregate", "collect", "sample")

@@ -2,7 +2,8 @@
 
 ``python tests/ddp_fit.py DATASET_ROOT CATEGORY OUT_DIR DEVICES RUN...``: with DEVICES > 1 Lightning's
 ``strategy="ddp"`` (gloo) re-runs this script for the other ranks. For each RUN, ``finetune_off``
-(``finetune_epochs=0``) or ``finetune_on`` (one epoch), every rank writes ``OUT_DIR/<run>_rank<r>.pt``: its
+(``finetune_epochs=0``), ``finetune_on`` (one epoch) or ``chunked_on_disk`` (no fine-tuning, the chunked coreset
+of patches in a memory-mapped file), every rank writes ``OUT_DIR/<run>_rank<r>.pt``: its
 fitted memory bank and threshold, the test metrics, the last training loss and the checkpoint's path.
 """
 
@@ -16,18 +17,19 @@ from anomalib.engine import Engine
 from anomalib_apc.data import SupervisedMVTecAD
 from anomalib_apc.models import AnomalousPatchCore
 
-RUNS = {"finetune_off": 0, "finetune_on": 1}
+RUNS = {"finetune_off": {"finetune_epochs": 0}, "finetune_on": {"finetune_epochs": 1},
+        "chunked_on_disk": {"finetune_epochs": 0, "coreset_sampler": "chunked", "coreset_chunk_rows": 100,
+                            "patch_storage": "disk"}}
 
 
 def main(root: str, category: str, out_dir: str, devices: int, runs: list[str]) -> None:
     """The ``runs`` on ``devices`` CPU processes."""
     torch.set_num_threads(1)
     for name in runs:
-        epochs = RUNS[name]
         datamodule = SupervisedMVTecAD(root=root, category=category, num_anomalies=4, train_batch_size=4,
                                        eval_batch_size=4, num_workers=0, seed=0)
         model = AnomalousPatchCore(
-            backbone="resnet18", pre_trained=False, finetune_epochs=epochs, learning_rate=1e-3,
+            backbone="resnet18", pre_trained=False, learning_rate=1e-3, **RUNS[name],
             coreset_sampling_ratio=0.5, visualizer=False, finetune_precision="32",
             pre_processor=AnomalousPatchCore.configure_pre_processor(image_size=(64, 64)),
         )

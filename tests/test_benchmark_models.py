@@ -46,10 +46,13 @@ def _datamodule(tiny_dataset) -> SupervisedMVTecAD:
     )
 
 
-def _patchcore(apc: AnomalousPatchCore, coreset_seed: int, fast_coreset: bool = False) -> SeededPatchcore:
+def _patchcore(
+    apc: AnomalousPatchCore, coreset_seed: int, fast_coreset: bool = False, coreset_sampler: str = "exact"
+) -> SeededPatchcore:
     patchcore = SeededPatchcore(
         coreset_seed=coreset_seed,
         fast_coreset=fast_coreset,
+        coreset_sampler=coreset_sampler,
         backbone="resnet18",
         pre_trained=False,
         coreset_sampling_ratio=0.1,
@@ -73,44 +76,64 @@ def trained(tiny_dataset, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """
     root = tmp_path_factory.mktemp("coreset")
     torch.manual_seed(0)
-    apc = AnomalousPatchCore(
-        backbone="resnet18",
-        pre_trained=False,
-        tasks=(),
-        coreset_sampling_ratio=0.1,
-        coreset_seed=CORESET_SEED,
-        pre_processor=AnomalousPatchCore.configure_pre_processor(image_size=IMAGE_SIZE),
-        **NO_COMPONENTS,
-    )
+    apcs = {
+        f"APC{suffix}": AnomalousPatchCore(
+            backbone="resnet18",
+            pre_trained=False,
+            tasks=(),
+            coreset_sampling_ratio=0.1,
+            coreset_seed=CORESET_SEED,
+            coreset_sampler=sampler,
+            seed=0,
+            pre_processor=AnomalousPatchCore.configure_pre_processor(image_size=IMAGE_SIZE),
+            **NO_COMPONENTS,
+        )
+        for suffix, sampler in (("", "exact"), (" chunked", "chunked"))
+    }
+    apc = apcs["APC"]
     patchcores = {
         "same seed": _patchcore(apc, CORESET_SEED),
         "same seed, fast coreset": _patchcore(apc, CORESET_SEED, fast_coreset=True),
+        "same seed, chunked coreset": _patchcore(apc, CORESET_SEED, coreset_sampler="chunked"),
         "other seed": _patchcore(apc, CORESET_SEED + 1),
     }
-    apc_datamodule, baseline_datamodule = _datamodule(tiny_dataset), _datamodule(tiny_dataset)
-    torch.manual_seed(1)
-    engine = _engine(root / "apc")
-    engine.fit(apc, datamodule=apc_datamodule)
-    outputs = {"APC": _predict(engine, apc, apc_datamodule)}
+    outputs = {}
+    for offset, (name, model) in enumerate(apcs.items()):
+        apc_datamodule = _datamodule(tiny_dataset)
+        torch.manual_seed(1 + offset)
+        engine = _engine(root / name)
+        engine.fit(model, datamodule=apc_datamodule)
+        outputs[name] = _predict(engine, model, apc_datamodule)
+    baseline_datamodule = _datamodule(tiny_dataset)
     baseline_datamodule.setup()
     for offset, (name, patchcore) in enumerate(patchcores.items()):
         torch.manual_seed(100 + offset)
         engine = _engine(root / str(offset))
         engine.fit(patchcore, train_dataloaders=normal_training_dataloader(baseline_datamodule))
         outputs[name] = _predict(engine, patchcore, baseline_datamodule)
-    banks = {"APC": apc.model.memory_bank, **{name: model.model.memory_bank for name, model in patchcores.items()}}
+    banks = {name: model.model.memory_bank for name, model in (apcs | patchcores).items()}
     return {"outputs": outputs, "banks": banks}
 
 
-@pytest.mark.parametrize("name", ["same seed", "same seed, fast coreset"])
-def test_patchcore_with_apcs_coreset_seed_scores_exactly_like_apc_without_tasks(trained: dict, name: str) -> None:
-    apc_scores, apc_maps = trained["outputs"]["APC"]
+@pytest.mark.parametrize(
+    ("name", "apc"),
+    [("same seed", "APC"), ("same seed, fast coreset", "APC"), ("same seed, chunked coreset", "APC chunked")],
+)
+def test_patchcore_with_apcs_coreset_seed_scores_exactly_like_apc_without_tasks(
+    trained: dict, name: str, apc: str
+) -> None:
+    apc_scores, apc_maps = trained["outputs"][apc]
     scores, maps = trained["outputs"][name]
     # 10 % of 12 images x 8 x 8 patches, of layer2 + layer3 channels
-    assert trained["banks"][name].shape == trained["banks"]["APC"].shape == (76, 384)
-    torch.testing.assert_close(trained["banks"][name], trained["banks"]["APC"], rtol=0, atol=1e-6)
+    assert trained["banks"][name].shape == trained["banks"][apc].shape == (76, 384)
+    torch.testing.assert_close(trained["banks"][name], trained["banks"][apc], rtol=0, atol=1e-6)
     torch.testing.assert_close(scores, apc_scores, rtol=0, atol=1e-6)
     torch.testing.assert_close(maps, apc_maps, rtol=0, atol=1e-6)
+
+
+def test_the_chunked_sampler_keeps_other_rows_than_the_exact_one(trained: dict) -> None:
+    exact = {tuple(row.tolist()) for row in trained["banks"]["APC"]}
+    assert len(exact & {tuple(row.tolist()) for row in trained["banks"]["APC chunked"]}) < len(exact)
 
 
 def test_another_coreset_seed_gives_another_memory_bank_and_scores(trained: dict) -> None:

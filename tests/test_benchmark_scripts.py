@@ -108,3 +108,47 @@ def test_ddp_benchmark_runs_are_reproducible_and_compared(tiny_dataset, tmp_path
         assert "image_AUROC" in result["finetune_on"]["metrics"]
     output = _run_script("ddp_benchmark", "--compare", str(tmp_path / "a"), str(tmp_path / "b"))
     assert json.loads(output.splitlines()[-1])["memory_banks_identical"] is True
+
+
+def _markdown_rows(output: str) -> list[list[str]]:
+    """The data rows of the Markdown tables in ``output``, as lists of stripped cells."""
+    return [
+        [cell.strip() for cell in line.strip().strip("|").split("|")]
+        for line in output.splitlines()
+        if line.startswith("| ") and not line.startswith("| rows") and not line.startswith("| row ")
+    ]
+
+
+def test_chunked_coreset_benchmark_times_both_samplers_and_compares_coverage(
+    capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # it borrows coreset_benchmark's exact-greedy timing
+    _script("chunked_coreset_benchmark").main(
+        ["--sizes", "4000", "8000", "--ratios", "0.05", "--dim", "32", "--full-exact-max-rows", "4000",
+         "--exact-budget", "1"]
+    )  # fmt: skip
+    full, extrapolated = _markdown_rows(capsys.readouterr().out)
+    assert full[:4] == ["4,000", "0.05", "200", "memory"]
+    exact_radius, chunked_radius, random_radius = (float(value) for value in full[9].split(" / "))
+    assert chunked_radius <= 1.5 * exact_radius and chunked_radius < random_radius
+    assert extrapolated[:3] == ["8,000", "0.05", "400"] and extrapolated[4].endswith("(extrapolated)")
+    assert extrapolated[9] == "-"  # no coverage without the full exact bank
+
+
+def test_coreset_accuracy_benchmark_pairs_exact_and_chunked_banks(tiny_dataset, capsys: pytest.CaptureFixture) -> None:
+    _script("coreset_accuracy_benchmark").main(
+        [str(tiny_dataset.category_dir), "--seeds", "0", "--backbone", "resnet18", "--image-size", "64",
+         "--epochs", "1"]
+    )  # fmt: skip
+    output = capsys.readouterr().out
+    rows = {cells[0]: cells[1:] for cells in _markdown_rows(output)}
+    assert set(rows) == {
+        "Patchcore (exact)", "APC (exact)", "Patchcore (chunked)", "APC (chunked)",
+        "Patchcore: chunked - exact (paired)", "APC: chunked - exact (paired)",
+    }  # fmt: skip
+    for name in ("Patchcore", "APC"):
+        exact, chunked = (float(rows[f"{name} ({kind})"][0].split(" ± ")[0]) for kind in ("exact", "chunked"))
+        assert float(rows[f"{name}: chunked - exact (paired)"][0].split(" ± ")[0]) == pytest.approx(
+            chunked - exact, abs=0.011
+        )
+    assert output.count(", radius ") == 2  # both APC banks of the first seed

@@ -100,8 +100,8 @@ def _fit(tiny_dataset, out_dir: Path, devices: int, runs: list[str]) -> subproce
 
 @pytest.mark.integration
 def test_two_processes_build_the_one_process_memory_bank_and_scores(tiny_dataset, tmp_path: Path) -> None:
-    runs = {1: _fit(tiny_dataset, tmp_path / "devices1", 1, ["finetune_off"]),
-            2: _fit(tiny_dataset, tmp_path / "devices2", 2, ["finetune_off", "finetune_on"])}
+    runs = {1: _fit(tiny_dataset, tmp_path / "devices1", 1, ["finetune_off", "chunked_on_disk"]),
+            2: _fit(tiny_dataset, tmp_path / "devices2", 2, ["finetune_off", "finetune_on", "chunked_on_disk"])}
     for devices, run in runs.items():
         assert run.wait(timeout=400) == 0, (tmp_path / f"devices{devices}" / "log.txt").read_text()[-4000:]
 
@@ -115,6 +115,12 @@ def test_two_processes_build_the_one_process_memory_bank_and_scores(tiny_dataset
     assert ddp["metrics"] == single["metrics"]
     checkpoint = torch.load(ddp["checkpoint"], map_location="cpu", weights_only=False)
     assert torch.equal(checkpoint["state_dict"]["model.memory_bank"], single["memory_bank"])
+
+    chunked = result(1, "chunked_on_disk")  # the ranks shared the chunked sampler's products
+    assert torch.equal(result(2, "chunked_on_disk")["memory_bank"], chunked["memory_bank"])
+    assert torch.equal(result(2, "chunked_on_disk", rank=1)["memory_bank"], chunked["memory_bank"])
+    assert not torch.equal(chunked["memory_bank"], single["memory_bank"])  # another sampler: another bank
+    assert chunked["memory_bank"].shape == single["memory_bank"].shape  # of anomalib's size
 
     tuned = result(2, "finetune_on")
     assert math.isfinite(tuned["train_loss"])

@@ -7,8 +7,8 @@ from anomalib.data import ImageBatch
 from anomalib_apc.errors import InvalidInputError
 from anomalib_apc.models import AnomalousPatchCore, AnomalousPatchCoreModel
 from anomalib_apc.models.apc.loss import ApcLoss
-from anomalib_apc.models.apc.memory_bank import concatenate_releasing
 from anomalib_apc.models.apc.torch_model import TASKS
+from anomalib_apc.sampling import concatenate_releasing
 
 IMAGE_SIZE = 64
 
@@ -113,21 +113,18 @@ def test_bad_arguments_are_named(kwargs: dict, message: str) -> None:
     assert isinstance(raised.value, ValueError)  # callers that catch ValueError keep working
 
 
-def test_more_neighbours_than_memory_bank_rows_is_refused_before_scoring() -> None:
+def test_more_neighbours_than_memory_bank_rows_is_refused_before_the_coreset() -> None:
     model = AnomalousPatchCoreModel(backbone="resnet18", pre_trained=False, num_neighbors=6)
-    embeddings = torch.randn(10, 384, generator=torch.Generator().manual_seed(0))
     expected = r"num_neighbors=6 exceeds the memory bank's 5 rows \(10 normal patches, coreset_sampling_ratio=0.5\)"
     with pytest.raises(InvalidInputError, match=expected):
-        model.build_memory_bank(embeddings, sampling_ratio=0.5)
-    assert model.memory_bank.numel() == 0
-    model.build_memory_bank(embeddings, sampling_ratio=0.6)
-    assert model.memory_bank.shape == (6, 384)
+        model.check_normal_patches(10, sampling_ratio=0.5)
+    model.check_normal_patches(10, sampling_ratio=0.6)  # 6 rows: enough
 
 
 def test_empty_memory_bank_is_refused() -> None:
     model = AnomalousPatchCoreModel(backbone="resnet18", pre_trained=False)
     with pytest.raises(InvalidInputError, match="memory bank would be empty"):
-        model.build_memory_bank(torch.empty(0, 384), sampling_ratio=0.1)
+        model.check_normal_patches(0, sampling_ratio=0.1)
 
 
 def test_scores_before_a_memory_bank_is_built_are_refused(images: torch.Tensor) -> None:

@@ -14,7 +14,6 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-import torch
 from anomalib.models import Patchcore
 from anomalib.models.components import AnomalibModule
 
@@ -35,7 +34,7 @@ from anomalib_apc.errors import InvalidInputError, PretrainedWeightsUnavailableE
 from anomalib_apc.models import AnomalousPatchCore
 from anomalib_apc.models.apc.init_weights import create_encoder_backbone
 from anomalib_apc.named_weights import is_named_weights, named_weights_path, named_weights_source
-from anomalib_apc.sampling import FastKCenterGreedy, seeded_global_rngs
+from anomalib_apc.sampling import concatenate_releasing, resolve_coreset_sampler, sample_coreset, seeded_global_rngs
 
 logger = logging.getLogger(__name__)
 
@@ -112,30 +111,39 @@ class SeededPatchcore(Patchcore):
 
     Args:
         coreset_seed: Seed of the coreset draw (APC's ``coreset_seed``); ``None`` keeps anomalib's behaviour.
-        fast_coreset: Select the coreset with ``FastKCenterGreedy`` (APC's sampler, same indices, faster)
-            instead of anomalib's ``KCenterGreedy``, so that memory-bank times compare like with like.
+        fast_coreset: Select an exact coreset with ``FastKCenterGreedy`` (APC's sampler, same indices,
+            faster) instead of anomalib's ``KCenterGreedy``, so that memory-bank times compare like with like.
+        coreset_sampler: APC's ``coreset_sampler`` choice; ``"chunked"`` (or ``"auto"`` on a large bank)
+            selects APC's chunked coreset, the same rows APC's would be from the same features.
         **patchcore_arguments: anomalib's ``Patchcore`` arguments.
     """
 
-    def __init__(self, coreset_seed: int | None = 0, fast_coreset: bool = False, **patchcore_arguments: Any) -> None:
+    def __init__(
+        self,
+        coreset_seed: int | None = 0,
+        fast_coreset: bool = False,
+        coreset_sampler: str = "exact",
+        **patchcore_arguments: Any,
+    ) -> None:
         super().__init__(**patchcore_arguments)
         self.coreset_seed = coreset_seed
         self.fast_coreset = fast_coreset
+        self.coreset_sampler = coreset_sampler
 
     def fit(self) -> None:
         """Subsample the collected patch embeddings into the memory bank, under ``coreset_seed``."""
-        if not self.fast_coreset:
-            with seeded_global_rngs(self.coreset_seed):
-                super().fit()
-            return
         store = self.model.embedding_store
         if not store:
             msg = "Patchcore's embedding store is empty: no normal training image was embedded."
             raise InvalidInputError(msg)
-        embeddings = torch.vstack(store)
-        store.clear()
-        sampler = FastKCenterGreedy(embeddings, self.coreset_sampling_ratio, seed=self.coreset_seed)
-        self.model.memory_bank = sampler.sample_coreset()
+        rows = sum(len(embedding) for embedding in store)
+        chosen = resolve_coreset_sampler(self.coreset_sampler, rows, self.coreset_sampling_ratio)
+        if chosen == "exact" and not self.fast_coreset:
+            with seeded_global_rngs(self.coreset_seed):
+                super().fit()
+            return
+        embeddings = concatenate_releasing(store)
+        self.model.memory_bank = sample_coreset(embeddings, self.coreset_sampling_ratio, self.coreset_seed, chosen)
 
 
 def build_models(
@@ -178,6 +186,7 @@ def apc_arguments(settings: BenchmarkSettings, initialisation: Initialisation, s
         "finetune_epochs": settings.finetune_epochs,
         "coreset_sampling_ratio": settings.coreset_sampling_ratio,
         "coreset_seed": seed,
+        "coreset_sampler": settings.coreset_sampler,
         "seed": seed,
         "pre_processor": AnomalousPatchCore.configure_pre_processor(image_size=settings.image_shape),
         "evaluator": make_evaluator(),
@@ -221,7 +230,8 @@ def build_baseline(
             **NO_POST_PROCESSING,
         }
         if cls is Patchcore:
-            return SeededPatchcore(coreset_seed=seed, fast_coreset=fast, **arguments)
+            return SeededPatchcore(coreset_seed=seed, fast_coreset=fast, coreset_sampler=settings.coreset_sampler,
+                                   **arguments)
         try:
             model = seeded_class(cls)(**arguments)
         except (TypeError, ValueError, RuntimeError) as error:

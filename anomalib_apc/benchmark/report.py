@@ -256,7 +256,8 @@ def markdown_report(
         ),
         (
             f"- Backbone {settings.backbone} ({', '.join(settings.layers)}), {_size_text(settings)}, coreset "
-            f"{100 * settings.coreset_sampling_ratio:g} %, for every model; initialisation: "
+            f"{100 * settings.coreset_sampling_ratio:g} % ({settings.coreset_sampler} sampler), for every model; "
+            "initialisation: "
             f"{initialisation.description}{_key_map_text(settings)}."
         ),
         (

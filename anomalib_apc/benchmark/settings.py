@@ -16,6 +16,7 @@ from typing import Any
 from anomalib_apc.benchmark.profiles import DEFAULT_LAYERS, DEMO_PROFILE, PAPER_PROFILE
 from anomalib_apc.errors import InvalidInputError
 from anomalib_apc.named_weights import NAMED_WEIGHTS, is_named_weights
+from anomalib_apc.sampling import CORESET_SAMPLERS
 
 logger = logging.getLogger(__name__)
 
@@ -207,6 +208,15 @@ class BenchmarkSettings:
     )
     coreset_sampling_ratio: float = field(
         default=0.1, metadata=cli("fraction of normal patches kept in each model's memory bank", MODELS, type=float)
+    )
+    coreset_sampler: str = field(
+        default="auto",
+        metadata=cli(
+            "coreset sampler of every model's memory bank: exact greedy, chunked greedy (large banks), or auto "
+            "(exact up to a size fixed by rows x picks); Patchcore's exact one is anomalib's own",
+            MODELS,
+            choices=CORESET_SAMPLERS,
+        ),
     )
     train_batch_size: int = field(
         default=16,

@@ -53,9 +53,12 @@ def check_training_arguments(
         raise InvalidInputError(msg)
 
 
-POST_FINETUNING_ARGUMENTS = frozenset({"reestimate_batchnorm", "segmentation_fusion"})
+POST_FINETUNING_ARGUMENTS = frozenset(
+    {"reestimate_batchnorm", "segmentation_fusion", "coreset_sampler", "coreset_chunk_rows", "patch_storage"}
+)
 """Constructor arguments that phase 1 never reads: models differing only in them fine-tune to the same weights.
 
-``reestimate_batchnorm`` acts in phase 2, ``segmentation_fusion`` at inference; the benchmark uses
-this to derive such variants from APC's fine-tuned weights instead of fine-tuning them again.
+``reestimate_batchnorm`` and the coreset's sampler, chunks and patch storage act in phase 2, ``segmentation_fusion`` at
+inference; the benchmark uses this to derive such variants from APC's fine-tuned weights instead of
+fine-tuning them again.
 """

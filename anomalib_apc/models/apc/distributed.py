@@ -58,11 +58,18 @@ def shard_batches(loader: DataLoader, rank: int, world_size: int) -> DataLoader:
                       collate_fn=loader.collate_fn, pin_memory=loader.pin_memory)
 
 
-def gather_rows(rows: torch.Tensor) -> torch.Tensor | None:
+def gather_rows(
+    rows: torch.Tensor, allocate: Callable[[tuple[int, int], torch.dtype], torch.Tensor] | None = None
+) -> torch.Tensor | None:
     """Rank 0 gets every rank's 2-D ``rows`` (row counts may differ, even be 0) stacked in rank order.
 
     The row counts and widths are gathered first, then rank 0 receives each rank's rows straight into
     its part of the result: it holds the result and its own rows, never a padded copy. Other ranks get ``None``.
+
+    Args:
+        rows: This rank's rows.
+        allocate: Makes rank 0's result from its shape and dtype (a memory-mapped one, for instance);
+            by default an empty tensor beside ``rows``.
     """
     rank, world_size = world()
     if world_size == 1:
@@ -75,7 +82,8 @@ def gather_rows(rows: torch.Tensor) -> torch.Tensor | None:
             dist.send(rows.contiguous(), dst=0)
         return None
     sizes = [int(size) for size, _ in shapes]
-    result = rows.new_empty((sum(sizes), max(int(width) for _, width in shapes)))
+    shape = (sum(sizes), max(int(width) for _, width in shapes))
+    result = rows.new_empty(shape) if allocate is None else allocate(shape, rows.dtype)
     if sizes[0]:
         result[: sizes[0]] = rows
     offset = sizes[0]
@@ -84,6 +92,50 @@ def gather_rows(rows: torch.Tensor) -> torch.Tensor | None:
             dist.recv(result[offset : offset + size], src=source)
         offset += size
     return result
+
+
+def summed_over_ranks(count: int, device: torch.device) -> int:
+    """The sum of every rank's ``count`` (``count`` itself in one process)."""
+    if world()[1] == 1:
+        return count
+    total = torch.tensor([count], dtype=torch.long, device=device)
+    dist.all_reduce(total)
+    return int(total)
+
+
+class RankBlocks:
+    """The chunked coreset's distance blocks shared out: each rank computes a contiguous run, all get all.
+
+    Every rank ends with the same numbers (each block computed once, with the same shapes wherever),
+    so every rank then takes the same greedy steps: the bank of one process, its products split W ways.
+    """
+
+    def concatenated_blocks(self, count: int, compute: Callable[[int], torch.Tensor]) -> torch.Tensor:
+        """``compute(0), ..., compute(count - 1)`` concatenated, on every rank."""
+        rank, world_size = world()
+        if world_size == 1:
+            return torch.cat([compute(block) for block in range(count)])
+        mine = [compute(block) for block in contiguous_share(count, rank, world_size)]
+        local = torch.cat(mine) if mine else None
+        size = torch.tensor([0 if local is None else len(local)], dtype=torch.long, device=_device_of(mine))
+        sizes = [torch.zeros_like(size) for _ in range(world_size)]
+        dist.all_gather(sizes, size)
+        result = torch.empty(int(sum(sizes)), device=size.device)
+        offset = 0
+        for source, source_size in enumerate(int(part) for part in sizes):
+            part = result[offset : offset + source_size]
+            if source == rank and local is not None:
+                part.copy_(local)
+            dist.broadcast(part, src=source)
+            offset += source_size
+        return result
+
+
+def _device_of(tensors: list[torch.Tensor]) -> torch.device:
+    """Where the tensors are; the current CUDA device under NCCL when this rank has none, else the CPU."""
+    if tensors:
+        return tensors[0].device
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 def broadcast_from_rank0(compute: Callable[[], torch.Tensor], device: torch.device, dtype: torch.dtype) -> torch.Tensor:

@@ -18,8 +18,7 @@ Example:
     >>> from anomalib_apc.data import SupervisedMVTecAD
     >>> from anomalib_apc.models import AnomalousPatchCore
     >>> datamodule = SupervisedMVTecAD(root="./datasets/MVTecAD", category="pill", num_anomalies=10)
-    >>> model = AnomalousPatchCore(finetune_epochs=50)
-    >>> Engine().train(model=model, datamodule=datamodule)
+    >>> Engine().train(model=AnomalousPatchCore(finetune_epochs=50), datamodule=datamodule)
 """
 
 import logging
@@ -43,6 +42,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from anomalib_apc.errors import InvalidInputError
+from anomalib_apc.sampling import DEFAULT_CHUNK_ROWS, CoresetSampler, PatchStorage
 
 from .arguments import FineTuneScope, check_training_arguments
 from .batchnorm import adapt_batchnorm_statistics
@@ -51,7 +51,7 @@ from .distributed import world
 from .finetuning_checkpoint import FineTuningCheckpoint, keep_the_trained_model
 from .interruption import InterruptionGuard, stop_if_terminated
 from .loss import ApcLoss
-from .memory_bank import build_memory_bank_on_all_ranks
+from .memory_bank import CoresetOptions, build_memory_bank_on_all_ranks
 from .network import build_network
 from .normal_images import normal_training_dataloader, training_anomaly_count
 from .precision import FineTunePrecision, finetune_autocast, full_precision, resolve_finetune_precision
@@ -93,6 +93,12 @@ class AnomalousPatchCore(MemoryBankMixin, AnomalibModule):
             at most the memory bank's rows (checked when phase 2 has built it, before validation).
         coreset_seed: Seed of the coreset selection, so that the same features give the same memory
             bank whatever happened to the global random state; ``None`` uses the global state.
+        coreset_sampler: ``"exact"`` (anomalib's greedy, fast), ``"chunked"`` (greedy per chunk of
+            ``coreset_chunk_rows`` rows, for banks of a million patches) or ``"auto"``: exact up to a size
+            fixed by rows and ratio alone (see :mod:`anomalib_apc.sampling.selection`), so it is reproducible.
+        coreset_chunk_rows: Rows per chunk of the chunked sampler (larger: closer to exact, slower).
+        patch_storage: Where the normal patches wait for the coreset: ``"memory"``, ``"disk"`` (a
+            memory-mapped temporary file) or ``"auto"`` (disk when they would fill half the free memory).
         reestimate_batchnorm: Before phase 2, re-estimate the encoder's batch-norm running statistics on
             the real normal training images (one pass, no weight changes), so that the memory bank and
             the test see the normalisation of normal images rather than that of the fine-tuning
@@ -140,6 +146,9 @@ class AnomalousPatchCore(MemoryBankMixin, AnomalibModule):
         coreset_sampling_ratio: float = 0.1,
         num_neighbors: int = 9,
         coreset_seed: int | None = 0,
+        coreset_sampler: CoresetSampler = "auto",
+        coreset_chunk_rows: int = DEFAULT_CHUNK_ROWS,
+        patch_storage: PatchStorage = "auto",
         reestimate_batchnorm: bool = False,
         segmentation_fusion: float = 0.0,
         seed: int | None = 0,
@@ -170,8 +179,8 @@ class AnomalousPatchCore(MemoryBankMixin, AnomalibModule):
         self.finetune_scope = finetune_scope
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
-        self.coreset_sampling_ratio = coreset_sampling_ratio
-        self.coreset_seed = coreset_seed
+        self.coreset = CoresetOptions(coreset_sampling_ratio, coreset_seed, coreset_sampler, patch_storage,
+                                      coreset_chunk_rows)  # checked there
         self.reestimate_batchnorm = reestimate_batchnorm
         resolve_finetune_precision(finetune_precision, torch.device("cpu"))  # refuse an unknown name now
         self.finetune_precision = finetune_precision
@@ -335,16 +344,9 @@ class AnomalousPatchCore(MemoryBankMixin, AnomalibModule):
         """
         was_training = self.model.training
         self.model.eval()
-        build_memory_bank_on_all_ranks(
-            self.model,
-            normal_images,
-            getattr(self.pre_processor, "transform", None),
-            self.coreset_sampling_ratio,
-            self.coreset_seed,
-            self.device,
-            between_batches=between_batches,
-            reestimate_batchnorm=self.reestimate_batchnorm,
-        )
+        transform = getattr(self.pre_processor, "transform", None)
+        build_memory_bank_on_all_ranks(self.model, normal_images, transform, self.coreset, self.device,
+                                       between_batches=between_batches, reestimate_batchnorm=self.reestimate_batchnorm)
         self.model.train(was_training)
         self._is_fitted = torch.tensor([True], device=self.device)
 
@@ -367,12 +369,8 @@ class AnomalousPatchCore(MemoryBankMixin, AnomalibModule):
         memory bank across DDP ranks (see :mod:`.distributed`), so ``--trainer.devices N`` is the user's.
         """
         epochs = max(self.finetune_epochs, 1) if self.fine_tunes else 1
-        return {
-            "max_epochs": epochs,
-            "check_val_every_n_epoch": epochs,
-            "num_sanity_val_steps": 0,
-            "gradient_clip_val": 0,
-        }
+        return {"max_epochs": epochs, "check_val_every_n_epoch": epochs, "num_sanity_val_steps": 0,
+                "gradient_clip_val": 0}
 
     @property
     def learning_type(self) -> LearningType:

@@ -1,14 +1,16 @@
 """Phase 2: PatchCore's memory bank from the real normal training images, on one device or several.
 
-Under DDP each rank embeds its contiguous share of the normal images, rank 0 gathers the patches in
-the single-process order, selects the coreset once and broadcasts it (see :mod:`.distributed`), so
-every rank holds the memory bank one process would build. Everything runs in float32 and the
-standard memory layout (see :mod:`.precision`): the bank, the coreset and the scores are then those
-of a model loaded from the checkpoint in a fresh process.
+Under DDP each rank embeds its contiguous share of the normal images, rank 0 gathers the patches in the
+single-process order and selects the coreset (the chunked sampler shares its chunks among the ranks), then
+broadcasts it (see :mod:`.distributed`), so every rank holds the memory bank one process would build. The
+patches wait in memory or in a memory-mapped file (see :mod:`anomalib_apc.sampling`). Everything runs in
+float32 and the standard memory layout (see :mod:`.precision`): the bank, the coreset and the scores are then
+those of a model loaded from the checkpoint in a fresh process.
 """
 
 import logging
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from functools import partial
 from typing import TypeVar
 
@@ -17,8 +19,28 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from anomalib_apc.errors import InvalidInputError
+from anomalib_apc.sampling import (
+    DEFAULT_CHUNK_ROWS,
+    ChunkedKCenterGreedy,
+    PatchRowCollector,
+    allocate_rows,
+    check_coreset_sampler,
+    check_patch_storage,
+    resolve_coreset_sampler,
+    sample_coreset,
+)
+
 from .batchnorm import reestimate_batchnorm_statistics
-from .distributed import broadcast_from_rank0, gather_rows, peak_memory_mib, shard_batches, world
+from .distributed import (
+    RankBlocks,
+    broadcast_from_rank0,
+    gather_rows,
+    peak_memory_mib,
+    shard_batches,
+    summed_over_ranks,
+    world,
+)
 from .normal_images import normal_images_of
 from .precision import full_precision
 from .torch_model import AnomalousPatchCoreModel
@@ -28,12 +50,43 @@ logger = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 
+@dataclass(frozen=True)
+class CoresetOptions:
+    """How phase 2 turns the normal patches into the memory bank (the model's constructor arguments).
+
+    Attributes:
+        sampling_ratio: Fraction of the normal patches kept.
+        seed: Seed of the coreset selection.
+        sampler: ``"exact"``, ``"chunked"`` or ``"auto"`` (see :mod:`anomalib_apc.sampling.selection`).
+        patch_storage: Where the patches wait: ``"memory"``, ``"disk"`` or ``"auto"``
+            (see :mod:`anomalib_apc.sampling.storage`).
+        chunk_rows: Rows per chunk of the chunked sampler.
+    """
+
+    sampling_ratio: float
+    seed: int | None
+    sampler: str = "auto"
+    patch_storage: str = "auto"
+    chunk_rows: int = DEFAULT_CHUNK_ROWS
+
+    def __post_init__(self) -> None:
+        """Refuse unknown sampler or storage names and non-positive chunks when the model is made.
+
+        Raises:
+            InvalidInputError: The message names the argument and what it accepts.
+        """
+        check_coreset_sampler(self.sampler)
+        check_patch_storage(self.patch_storage)
+        if self.chunk_rows <= 0:
+            msg = f"coreset_chunk_rows must be a positive number of rows, got {self.chunk_rows}."
+            raise InvalidInputError(msg)
+
+
 def build_memory_bank_on_all_ranks(
     model: AnomalousPatchCoreModel,
     normal_images: DataLoader,
     transform: nn.Module | None,
-    sampling_ratio: float,
-    seed: int | None,
+    coreset: CoresetOptions,
     device: torch.device,
     between_batches: Callable[[], None],
     reestimate_batchnorm: bool = False,
@@ -44,8 +97,7 @@ def build_memory_bank_on_all_ranks(
         model: The network, in eval mode; its memory bank is replaced.
         normal_images: The real normal training images (the model/data contract's dataloader).
         transform: The pre-processor's transform applied to each raw batch, if any.
-        sampling_ratio: Fraction of the normal patches kept.
-        seed: Seed of the coreset selection.
+        coreset: Ratio, seed, sampler and patch storage of the selection.
         device: Where the embedding runs.
         between_batches: Called after each batch and after the coreset (a SIGTERM check).
         reestimate_batchnorm: First re-estimate the encoder's batch-norm statistics on all of
@@ -54,19 +106,16 @@ def build_memory_bank_on_all_ranks(
     rank, world_size = world()
     loader = shard_batches(normal_images, rank, world_size) if world_size > 1 else normal_images
     model.to(memory_format=torch.contiguous_format)
-    embeddings = []
+    collector = PatchRowCollector(coreset.patch_storage, expected_images=len(normal_images.dataset))
     with full_precision(device):
         if reestimate_batchnorm:
             batches = progress(normal_images_of(normal_images), "Re-estimating batch-norm statistics", rank)
             reestimate_batchnorm_statistics(model.feature_extractor, batches, transform, device)
         for images in progress(normal_images_of(loader), "Embedding normal training images", rank):
             images = images.to(device)
-            embeddings.append(model.patch_embeddings(transform(images) if transform else images))
+            collector.add(model.patch_embeddings(transform(images) if transform else images), images=len(images))
             between_batches()
-        select = partial(_select_coreset, model, gather_rows(concatenate_releasing(embeddings, device=device)),
-                         sampling_ratio, seed)
-        model.memory_bank = broadcast_from_rank0(select, device=device, dtype=torch.float32)
-        del select  # the gathered patches, several GB at real sizes
+        model.memory_bank = _select_on_all_ranks(model, collector, coreset, device)
     if world_size > 1:
         logger.info("Memory bank of %d rows on each of %d ranks; rank %d peak memory %.0f MiB.",
                     len(model.memory_bank), world_size, rank, peak_memory_mib(device))
@@ -78,33 +127,35 @@ def progress(batches: Iterable[_T], description: str, rank: int) -> Iterable[_T]
     return tqdm(batches, desc=description, unit="batch", disable=rank != 0)
 
 
-def _select_coreset(
-    model: AnomalousPatchCoreModel, memory: torch.Tensor, sampling_ratio: float, seed: int | None
+def _select_on_all_ranks(
+    model: AnomalousPatchCoreModel, collector: PatchRowCollector, coreset: CoresetOptions, device: torch.device
 ) -> torch.Tensor:
-    """The coreset of all normal patches (on rank 0 under DDP), as the model's memory bank."""
-    logger.info("Selecting a %.1f %% coreset of %d normal patches.", 100 * sampling_ratio, len(memory))
-    model.build_memory_bank(memory, sampling_ratio, seed=seed)
-    return model.memory_bank
+    """The memory bank every rank gets: the coreset of all ranks' patches, gathered on rank 0 in rank order.
 
-
-def concatenate_releasing(chunks: list[torch.Tensor], device: torch.device | str = "cpu") -> torch.Tensor:
-    """Concatenate row chunks, emptying ``chunks`` as it goes.
-
-    ``torch.cat`` holds every chunk and the result at once: twice the memory bank's patches, several
-    GB at real data sizes. Copying chunk by chunk into the result while dropping each chunk keeps
-    the peak at the result plus one chunk.
-
-    Args:
-        chunks: Tensors with the same trailing shape; the list is empty afterwards.
-        device: Device of the empty result when there are no chunks (otherwise the chunks' device).
+    The exact greedy runs on rank 0 alone. The chunked one shares its distance products: rank 0
+    projects the patches and sends the projection to every rank, the ranks split each chunk's
+    products and exchange them (:class:`.distributed.RankBlocks`), so all take the greedy steps one
+    process would take.
     """
-    if not chunks:
-        return torch.empty(0, device=device)
-    result = chunks[0].new_empty((sum(len(chunk) for chunk in chunks), *chunks[0].shape[1:]))
-    offset = 0
-    chunks.reverse()
-    while chunks:
-        chunk = chunks.pop()
-        result[offset : offset + len(chunk)] = chunk
-        offset += len(chunk)
-    return result
+    local = collector.rows()
+    world_size = world()[1]
+    total_rows = summed_over_ranks(len(local), device)
+    model.check_normal_patches(total_rows, coreset.sampling_ratio)
+    allocate = partial(allocate_rows, device=local.device, storage=coreset.patch_storage)
+    patches = gather_rows(local, allocate=allocate)
+    del local
+    logger.info("Selecting a %.1f %% coreset of %d normal patches.", 100 * coreset.sampling_ratio, total_rows)
+    chosen = resolve_coreset_sampler(coreset.sampler, total_rows, coreset.sampling_ratio)
+    if chosen == "exact" or world_size == 1:
+        def select() -> torch.Tensor:
+            return sample_coreset(patches, coreset.sampling_ratio, coreset.seed, chosen, coreset.chunk_rows).to(device)
+    else:
+        sampler = ChunkedKCenterGreedy(coreset.sampling_ratio, chunk_rows=coreset.chunk_rows, seed=coreset.seed)
+        projected = broadcast_from_rank0(lambda: sampler.project(patches).to(device), device, torch.float32)
+        indices = sampler.select_indices(projected, share=RankBlocks())  # the same indices on every rank
+        del projected
+
+        def select() -> torch.Tensor:
+            return patches[indices.to(patches.device)].to(device)
+
+    return broadcast_from_rank0(select, device=device, dtype=torch.float32)

@@ -16,7 +16,6 @@ from anomalib.models.image.patchcore.torch_model import PatchcoreModel
 from torch import nn
 
 from anomalib_apc.errors import InvalidInputError
-from anomalib_apc.sampling import FastKCenterGreedy
 
 from .decoder import DecoderType, UNetDecoder
 from .encoder import TimmEncoder
@@ -183,26 +182,26 @@ class AnomalousPatchCoreModel(PatchcoreModel):
         """Patch features of a batch as rows ``(B * h * w, D)``, the memory bank's unit."""
         return self.reshape_embedding(self.embedding_map(images))
 
-    def build_memory_bank(self, embeddings: torch.Tensor, sampling_ratio: float, seed: int | None = None) -> None:
-        """Fill the memory bank with a k-center-greedy coreset of ``embeddings`` (normal patches only).
+    def check_normal_patches(self, patches: int, sampling_ratio: float) -> None:
+        """Refuse, before the coreset, a memory bank that would be empty or smaller than ``num_neighbors``.
+
+        Both samplers keep ``int(patches * sampling_ratio)`` rows.
 
         Raises:
-            InvalidInputError: ``embeddings`` is empty (no normal training image reached phase 2), or the
-                coreset has fewer rows than ``num_neighbors`` (scoring would fail in validation).
+            InvalidInputError: No normal patch at all (no normal training image reached phase 2), or
+                fewer rows than ``num_neighbors`` (scoring would fail in validation).
         """
-        if embeddings.shape[0] == 0:
+        if patches == 0:
             msg = (
                 "The memory bank would be empty: no normal training image was embedded. The training "
                 "set must contain normal images (label 0); check the datamodule's train split."
             )
             raise InvalidInputError(msg)
-        sampler = FastKCenterGreedy(embedding=embeddings, sampling_ratio=sampling_ratio, seed=seed)
-        coreset = sampler.sample_coreset()
-        if len(coreset) < self.num_neighbors:
+        rows = int(patches * sampling_ratio)
+        if rows < self.num_neighbors:
             msg = (
-                f"num_neighbors={self.num_neighbors} exceeds the memory bank's {len(coreset)} rows "
-                f"({embeddings.shape[0]} normal patches, coreset_sampling_ratio={sampling_ratio}): lower "
+                f"num_neighbors={self.num_neighbors} exceeds the memory bank's {rows} rows "
+                f"({patches} normal patches, coreset_sampling_ratio={sampling_ratio}): lower "
                 "num_neighbors, raise coreset_sampling_ratio or train on more normal images."
             )
             raise InvalidInputError(msg)
-        self.memory_bank = coreset

@@ -29,7 +29,6 @@ for float32); a sparse product is 3x slower on CPU and rounds differently, so th
 gain without changing the features.
 """
 
-import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
@@ -37,6 +36,8 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 from anomalib.models.components.sampling import KCenterGreedy
+
+from .threads import WorkDispenser, single_threaded_torch_ops
 
 CPU_CHUNK_BYTES = 2 * 1024 * 1024
 """Size of each thread's difference buffer on CPU. Small enough that the rows the subtraction writes
@@ -69,36 +70,6 @@ def seeded_global_rngs(seed: int | None) -> Iterator[None]:
             yield
         finally:
             np.random.set_state(numpy_state)
-
-
-@contextmanager
-def single_threaded_torch_ops() -> Iterator[None]:
-    """Make torch CPU kernels started inside the block run on their calling thread.
-
-    The intra-op thread count is per thread once a thread has run a kernel; threads that run their
-    first kernel inside the block keep one thread, the calling thread gets its count back.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-class ChunkDispenser:
-    """Hands out the start rows of fixed-size chunks to competing threads, each exactly once."""
-
-    def __init__(self, total_rows: int, chunk_rows: int) -> None:
-        self._starts = iter(range(0, total_rows, chunk_rows))
-        self._lock = threading.Lock()
-
-    def __iter__(self) -> "ChunkDispenser":
-        return self
-
-    def __next__(self) -> int:
-        with self._lock:
-            return next(self._starts)
 
 
 class FastKCenterGreedy(KCenterGreedy):
@@ -175,7 +146,7 @@ class FastKCenterGreedy(KCenterGreedy):
         if not self._scratch:
             self._allocate_scratch()
         center = self.features[cluster_center].squeeze()
-        chunk_starts = ChunkDispenser(self.n_observations, chunk_rows=self._scratch[0][0].shape[0])
+        chunk_starts = WorkDispenser(range(0, self.n_observations, self._scratch[0][0].shape[0]))
         if self._helpers is None:
             self._update_chunks(center, chunk_starts, *self._scratch[0])
             return
