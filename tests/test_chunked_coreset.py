@@ -142,6 +142,9 @@ def test_auto_storage_goes_to_disk_only_when_the_patches_would_fill_memory() -> 
     huge = PatchRowCollector("auto", expected_images=10**9)  # ~64 GB of expected patches
     huge.add(torch.zeros(4, 8), images=2)
     assert huge.on_disk
+    uncounted = PatchRowCollector("auto", expected_images=None)  # batches from a plain iterable
+    uncounted.add(torch.zeros(4, 8), images=2)
+    assert not uncounted.on_disk
     assert allocate_rows((3, 2), torch.float32, torch.device("cpu"), "disk").shape == (3, 2)
 
 

@@ -71,10 +71,11 @@ class PatchRowCollector:
     Args:
         storage: ``"memory"``, ``"disk"``, or ``"auto"`` (disk when the expected matrix would take more
             than :data:`MEMORY_SHARE` of the available memory).
-        expected_images: How many images the batches will hold in all (only ``"auto"`` reads it).
+        expected_images: How many images the batches will hold in all (only ``"auto"`` reads it);
+            ``None`` when the source cannot say (an iterable of batches), which ``"auto"`` keeps in memory.
     """
 
-    def __init__(self, storage: str, expected_images: int) -> None:
+    def __init__(self, storage: str, expected_images: int | None) -> None:
         check_patch_storage(storage)
         self.storage = storage
         self.expected_images = expected_images
@@ -94,8 +95,9 @@ class PatchRowCollector:
         """Append a batch's ``(rows, width)`` patch rows, embedded from ``images`` images."""
         if self._rows == 0 and not self._batches:
             self._width, self._dtype, self._device = rows.shape[1], rows.dtype, rows.device
-            expected_bytes = rows.element_size() * rows.numel() * self.expected_images // max(images, 1)
-            if _on_disk(self.storage, expected_bytes):
+            storage = "memory" if self.expected_images is None and self.storage == "auto" else self.storage
+            expected_bytes = rows.element_size() * rows.numel() * (self.expected_images or 0) // max(images, 1)
+            if _on_disk(storage, expected_bytes):
                 self._file = tempfile.TemporaryFile(prefix="anomalib-apc-patches-")
         self._rows += len(rows)
         if self._file is None:

@@ -106,7 +106,8 @@ def build_memory_bank_on_all_ranks(
     rank, world_size = world()
     loader = shard_batches(normal_images, rank, world_size) if world_size > 1 else normal_images
     model.to(memory_format=torch.contiguous_format)
-    collector = PatchRowCollector(coreset.patch_storage, expected_images=len(normal_images.dataset))
+    dataset = getattr(normal_images, "dataset", None)  # a plain iterable of batches has none to count
+    collector = PatchRowCollector(coreset.patch_storage, expected_images=None if dataset is None else len(dataset))
     with full_precision(device):
         if reestimate_batchnorm:
             batches = progress(normal_images_of(normal_images), "Re-estimating batch-norm statistics", rank)
