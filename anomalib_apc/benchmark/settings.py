@@ -209,15 +209,10 @@ class BenchmarkSettings:
     coreset_sampling_ratio: float = field(
         default=0.1, metadata=cli("fraction of normal patches kept in each model's memory bank", MODELS, type=float)
     )
-    coreset_sampler: str = field(
-        default="auto",
-        metadata=cli(
-            "coreset sampler of every model's memory bank: exact greedy, chunked greedy (large banks), or auto "
-            "(exact up to a size fixed by rows x picks); Patchcore's exact one is anomalib's own",
-            MODELS,
-            choices=CORESET_SAMPLERS,
-        ),
-    )
+    coreset_sampler: str = field(default="auto", metadata=cli(
+        "coreset sampler of every model's memory bank: exact greedy, chunked greedy (large banks), or auto (exact up "
+        "to a size fixed by rows x picks); Patchcore's exact one is anomalib's own", MODELS, choices=CORESET_SAMPLERS,
+    ))
     train_batch_size: int = field(
         default=16,
         metadata=cli(
@@ -227,15 +222,10 @@ class BenchmarkSettings:
     eval_batch_size: int = field(
         default=32, metadata=cli("batch size of the memory-bank embedding and of the test", MODELS, type=int)
     )
-    patchcore_fast_coreset: bool = field(
-        default=False,
-        metadata=cli(
-            "add a row 'Patchcore (fast coreset)': anomalib's Patchcore with the FastKCenterGreedy sampler that "
-            "APC uses, for a like-with-like memory-bank time",
-            MODELS,
-            action="store_true",
-        ),
-    )
+    patchcore_fast_coreset: bool = field(default=False, metadata=cli(
+        "add a row 'Patchcore (fast coreset)': anomalib's Patchcore with the FastKCenterGreedy sampler that APC uses, "
+        "for a like-with-like memory-bank time", MODELS, action="store_true",
+    ))
     output: Path = field(
         default=Path("results/benchmark"),
         metadata=cli(
