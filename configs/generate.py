@@ -211,6 +211,26 @@ ABLATIONS: dict[str, tuple[str, dict[str, Any]]] = {
             "segmentation_fusion": 0.0,
         }}},
     ),
+    "boxes": (
+        "Training anomalies known by boxes instead of masks: each mask is reduced to the boxes of its connected "
+        "regions (the test keeps its masks); the segmentation loss ignores the pixels inside the boxes, CutPaste "
+        "pastes whole boxes.",
+        {"data": {"init_args": {"training_annotation": "box"}}},
+    ),
+    "boxes_soft": (
+        "As 'boxes', with a soft segmentation target of 0.5 inside the boxes instead of ignoring their pixels.",
+        {"data": {"init_args": {"training_annotation": "box"}}, "model": {"init_args": {"box_supervision": "soft"}}},
+    ),
+    "labels": (
+        "Training anomalies known by their label alone: masks dropped (the test keeps its masks); no segmentation "
+        "loss on them and no CutPaste from them (classification and reconstruction unchanged).",
+        {"data": {"init_args": {"training_annotation": "label"}}},
+    ),
+    "labels_max": (
+        "As 'labels', with the multiple-instance term: each label-only anomaly's largest segmentation logit is "
+        "trained as its image label.",
+        {"data": {"init_args": {"training_annotation": "label"}}, "model": {"init_args": {"label_supervision": "max"}}},
+    ),
     **{
         f"anomalies_{count}": (
             f"{count} training anomalies per category instead of 10.",

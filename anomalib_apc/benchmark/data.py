@@ -92,9 +92,10 @@ def make_datamodule(
 ) -> SupervisedMVTecAD:
     """The supervised split of one category for one seed; called once per model with identical split arguments.
 
-    ``overrides`` are an APC variant's ``data.init_args`` (e.g. ``cutpaste_probability``); they never
-    change the split (the variants that would are refused before).
+    ``overrides`` are an APC variant's ``data.init_args`` (e.g. ``cutpaste_probability``, ``training_annotation``);
+    they never change the split (the variants that would are refused before).
     """
+    arguments = {"training_annotation": settings.training_annotation, **overrides}
     return SupervisedMVTecAD(
         root=data.root,
         category=data.category,
@@ -103,7 +104,7 @@ def make_datamodule(
         train_batch_size=settings.train_batch_size,
         eval_batch_size=settings.eval_batch_size,
         num_workers=settings.num_workers,
-        **overrides,
+        **arguments,
     )
 
 

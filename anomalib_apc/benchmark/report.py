@@ -252,7 +252,8 @@ def markdown_report(
         "",
         (
             f"- Data: {settings.dataset} ({_data_location(result)}); {settings.num_anomalies} anomalies per "
-            "category moved from test to APC's training and removed from both models' test sets."
+            f"category moved from test to APC's training ({_ANNOTATION_TEXT[settings.annotation]}) and removed "
+            "from both models' test sets."
         ),
         (
             f"- Backbone {settings.backbone} ({', '.join(settings.layers)}), {_size_text(settings)}, coreset "
@@ -302,6 +303,13 @@ def markdown_report(
     lines += [f"![{Path(link).stem.replace('_', ' ')}]({link})" for link in figure_links] or ["(no run finished)"]
     lines.append("")
     return "\n".join(lines)
+
+
+_ANNOTATION_TEXT = {
+    "mask": "with their masks",
+    "box": "with the boxes of their masks' regions instead of masks",
+    "label": "with their labels alone, masks dropped",
+}
 
 
 def _size_text(settings: BenchmarkSettings) -> str:

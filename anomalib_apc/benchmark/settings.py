@@ -24,6 +24,8 @@ PATCHCORE = "Patchcore"
 PATCHCORE_FAST_CORESET = "Patchcore (fast coreset)"
 APC = "APC"
 
+ANNOTATIONS = ("mask", "box", "label")
+"""``--annotation`` values; each is a ``training_annotation`` of the supervised datamodules (``mask``: ``as_given``)."""
 MVTEC_LAYOUT = "mvtec-layout"
 DATASETS = ("demo", "mvtecad", MVTEC_LAYOUT)
 DEPRECATED_DATASET_NAMES = {"folder": MVTEC_LAYOUT}
@@ -108,6 +110,11 @@ class BenchmarkSettings:
     num_anomalies: int = field(
         default=10, metadata=cli("anomalous images moved from test to APC's training, per category", DATA, type=int)
     )
+    annotation: str = field(default="mask", metadata=cli(
+        "what APC's training anomalies are known by: their masks as given, the boxes of the masks' regions, or the "
+        "label alone (reduced on purpose, to measure cheaper annotation; the test keeps its masks)", DATA,
+        choices=ANNOTATIONS,
+    ))
     seeds: tuple[int, ...] | None = field(
         default=None,
         metadata=cli(
@@ -119,9 +126,8 @@ class BenchmarkSettings:
             metavar="SEED",
         ),
     )
-    backbone: str | None = field(
-        default=None, metadata=cli("timm CNN name", MODELS, default_text="by dataset, see below")
-    )
+    backbone: str | None = field(default=None, metadata=cli("timm CNN name", MODELS,
+                                                            default_text="by dataset, see below"))
     layers: tuple[str, ...] | None = field(
         default=None,
         metadata=cli(
@@ -143,9 +149,8 @@ class BenchmarkSettings:
             metavar=("SIZE", "WIDTH"),
         ),
     )
-    finetune_epochs: int | None = field(
-        default=None, metadata=cli("APC's fine-tuning epochs", MODELS, default_text="by dataset", type=int)
-    )
+    finetune_epochs: int | None = field(default=None, metadata=cli("APC's fine-tuning epochs", MODELS,
+                                                                   default_text="by dataset", type=int))
     pre_trained: bool = field(
         default=True,
         metadata=cli(
@@ -194,18 +199,11 @@ class BenchmarkSettings:
             metavar="MODEL",
         ),
     )
-    variants: tuple[str, ...] = field(
-        default=(),
-        metadata=cli(
-            "APC configurations from configs/ablations/ (file stem, '_' as '-': bn-only, tasks-cls, tasks-cls-seg, "
-            "tasks-none, unet4, no-cutpaste, imagenet-init), each a row 'APC <name>' on the same split, weights "
-            "and seeds as APC",
-            MODELS,
-            default_text="none",
-            nargs="+",
-            metavar="NAME",
-        ),
-    )
+    variants: tuple[str, ...] = field(default=(), metadata=cli(
+        "APC configurations from configs/ablations/ (file stem, '_' as '-': bn-only, tasks-cls, unet4, no-cutpaste, "
+        "boxes, labels, ...), each a row 'APC <name>' on the same split, weights and seeds as APC", MODELS,
+        default_text="none", nargs="+", metavar="NAME",
+    ))
     coreset_sampling_ratio: float = field(
         default=0.1, metadata=cli("fraction of normal patches kept in each model's memory bank", MODELS, type=float)
     )
@@ -226,23 +224,14 @@ class BenchmarkSettings:
         "add a row 'Patchcore (fast coreset)': anomalib's Patchcore with the FastKCenterGreedy sampler that APC uses, "
         "for a like-with-like memory-bank time", MODELS, action="store_true",
     ))
-    output: Path = field(
-        default=Path("results/benchmark"),
-        metadata=cli(
-            "folder for results.md/.csv/.json, figures/ and runs/; must be empty or absent unless --overwrite",
-            RUN,
-            type=Path,
-            metavar="DIR",
-        ),
-    )
-    overwrite: bool = field(
-        default=False,
-        metadata=cli(
-            "replace the results of an earlier benchmark in --output (results.*, figures/, runs/ are deleted first)",
-            RUN,
-            action="store_true",
-        ),
-    )
+    output: Path = field(default=Path("results/benchmark"), metadata=cli(
+        "folder for results.md/.csv/.json, figures/ and runs/; must be empty or absent unless --overwrite", RUN,
+        type=Path, metavar="DIR",
+    ))
+    overwrite: bool = field(default=False, metadata=cli(
+        "replace the results of an earlier benchmark in --output (results.*, figures/, runs/ are deleted first)", RUN,
+        action="store_true",
+    ))
     device: str = field(default="auto", metadata=cli("Lightning accelerator: auto, cpu, gpu, ...", RUN))
     devices: int = field(
         default=1,
@@ -311,6 +300,11 @@ class BenchmarkSettings:
         fast = (PATCHCORE_FAST_CORESET,) if self.patchcore_fast_coreset else ()
         variants = (variant_row(name) for name in dict.fromkeys(self.variants))
         return (*dict.fromkeys(self.baselines), *fast, APC, *variants)
+
+    @property
+    def training_annotation(self) -> str:
+        """The supervised datamodules' ``training_annotation`` for ``annotation``."""
+        return "as_given" if self.annotation == "mask" else self.annotation
 
     @property
     def image_shape(self) -> tuple[int, int]:

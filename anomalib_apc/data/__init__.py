@@ -11,6 +11,8 @@ Layout, one job per module:
 - :mod:`.image_files`: which files are images and how they are read; :mod:`.image_dataset`: anomalib's
   dataset with that reader; :mod:`.pairing`: masks paired with images by name; :mod:`.validation`:
   every file decoded once at set-up;
+- :mod:`.annotations`: a mask, boxes or the label alone per anomaly; :mod:`.boxes`: YOLO and CSV box
+  files; :mod:`.annotated_batch`: anomalib's training item and batch with the annotation;
 - :mod:`.cutpaste`, :mod:`.cutpaste_grid`: CutPaste and a picture of it; :mod:`.demo`: the demo dataset.
 
 Imports nothing else from this project but :mod:`anomalib_apc.errors`, so every other part can build on it.

@@ -16,11 +16,12 @@ from anomalib.data.utils.path import resolve_path, validate_path
 from pandas import DataFrame
 from torchvision.transforms.v2 import Transform
 
+from anomalib_apc.data.annotations import TrainingAnnotation, annotate_samples, find_boxes
 from anomalib_apc.data.image_dataset import ImageFileDataset
 from anomalib_apc.data.image_files import IMAGE_SUFFIXES, list_image_files
 from anomalib_apc.data.pairing import pair_masks
 from anomalib_apc.data.split import SupervisedSplitMixin
-from anomalib_apc.errors import InvalidInputError, MissingInputError
+from anomalib_apc.errors import MissingInputError
 
 Folders = str | Path | Sequence[str | Path]
 
@@ -30,8 +31,9 @@ class SupervisedFolder(SupervisedSplitMixin, Folder):
 
     The defect type of an anomalous image is the name of its folder: give ``abnormal_dir`` one folder
     per defect type (or one folder with a sub-folder per type) for the draw to spread over types.
-    Masks are needed (``mask_dir``) as soon as ``num_anomalies`` is above 0. They are paired with the
-    images by name: ``x.png`` with ``x.png`` or ``x_mask.png`` (any image suffix), by the path relative
+    Each anomalous image is known by its mask, else by its boxes, else by its label alone
+    (:mod:`.annotations`). Masks (``mask_dir``) are paired with the images by name: ``x.png`` with
+    ``x.png`` or ``x_mask.png`` (any image suffix), by the path relative
     to ``abnormal_dir`` and ``mask_dir`` when both have sub-folders (``bad/dent/001.png`` with
     ``masks/dent/001_mask.png``); lists of as many ``mask_dir`` as ``abnormal_dir`` pair folder by
     folder (``abnormal_dir=[bad/scratch, bad/dent]``, ``mask_dir=[masks/1_scratch, masks/2_dent]``).
@@ -43,8 +45,8 @@ class SupervisedFolder(SupervisedSplitMixin, Folder):
         abnormal_dir: Anomalous images, the source of the training anomalies.
         normal_test_dir: Normal test images; without it anomalib takes ``test_split_ratio`` of ``normal_dir``.
         mask_dir: Masks of the anomalous images, named like them (see above).
-        num_anomalies: Anomalous images (with masks) moved from test to train, evenly over defect types;
-            0 gives anomalib's one-class ``Folder``.
+        num_anomalies: Anomalous images moved from test to train, evenly over defect types; 0 gives
+            anomalib's one-class ``Folder``.
         balanced_sampling: Draw normal and anomalous training images equally often.
         cutpaste_probability: Probability that an anomalous training draw is replaced by a CutPaste anomaly.
         cutpaste_brightness: Brightness jitter of pasted defects.
@@ -54,6 +56,13 @@ class SupervisedFolder(SupervisedSplitMixin, Folder):
             fine-tuning sample, real or CutPaste, image and mask alike (the paper's basic augmentations);
             never the memory bank's images, validation or test. With ``cutpaste_probability=0`` the
             fine-tuning sees these augmentations only, as in the paper's "without CutPaste" ablation.
+        boxes: Where defect boxes are for anomalous images without a mask (relative to ``root``): a folder
+            of YOLO ``.txt`` files mirroring ``abnormal_dir`` (``boxes/dent/x.txt`` for ``bad/dent/x.png``
+            with ``abnormal_dir=bad``) or a CSV file (``image,x0,y0,x1,y1`` in pixels); ``None``: YOLO
+            files beside the images, if any.
+        training_annotation: ``"as_given"`` trains on each anomaly's finest annotation; ``"box"`` and
+            ``"label"`` reduce the training anomalies' masks to boxes or to nothing (to measure what
+            cheaper annotation costs; the test set keeps its masks).
         extensions: Suffixes of the image files (any letter case); default ``IMAGE_SUFFIXES``.
         num_workers: Dataloader worker processes, and the threads that decode every file once at set-up.
         seed: Seed of the anomaly choice, the sampler, CutPaste and anomalib's own splits.
@@ -76,6 +85,8 @@ class SupervisedFolder(SupervisedSplitMixin, Folder):
         cutpaste_saturation: float = 0.5,
         cutpaste_rotation_degrees: float = 90.0,
         basic_augmentations: bool = True,
+        boxes: str | Path | None = None,
+        training_annotation: TrainingAnnotation = "as_given",
         normal_split_ratio: float = 0.2,
         extensions: tuple[str, ...] | None = None,
         train_batch_size: int = 32,
@@ -91,12 +102,6 @@ class SupervisedFolder(SupervisedSplitMixin, Folder):
         val_split_ratio: float = 0.5,
         seed: int = 0,
     ) -> None:
-        if num_anomalies > 0 and mask_dir is None:
-            msg = (
-                f"SupervisedFolder {name!r}: num_anomalies={num_anomalies} needs mask_dir, since training "
-                "anomalies need their defect masks; set mask_dir, or num_anomalies=0 for one-class training."
-            )
-            raise InvalidInputError(msg)
         super().__init__(
             name=name,
             normal_dir=normal_dir,
@@ -127,7 +132,9 @@ class SupervisedFolder(SupervisedSplitMixin, Folder):
             cutpaste_saturation,
             cutpaste_rotation_degrees,
             basic_augmentations,
+            training_annotation,
         )
+        self.boxes = boxes
 
     def _read_datasets(self) -> tuple[ImageFileDataset, ImageFileDataset]:
         suffixes = self.extensions or IMAGE_SUFFIXES
@@ -141,13 +148,17 @@ class SupervisedFolder(SupervisedSplitMixin, Folder):
             argument: [(folder, self._image_files(argument, folder, suffixes)) for folder in argument_folders]
             for argument, argument_folders in folders.items()
         }
+        where = f"SupervisedFolder {self.name!r}"
+        anomalous = [image for _, images in files["abnormal_dir"] for image in images]
+        boxes = None if self.boxes is None else resolve_path(self.boxes, self.root)
+        boxes_of_image = find_boxes(anomalous, folders["abnormal_dir"], boxes, where)
         mask_of_image = {}
         if files["mask_dir"] and files["abnormal_dir"]:
-            where = f"SupervisedFolder {self.name!r}"
-            mask_of_image = pair_masks(files["abnormal_dir"], files["mask_dir"], where=where)
+            mask_of_image = pair_masks(files["abnormal_dir"], files["mask_dir"], where, boxes_of_image)
         train, test = (
-            ImageFileDataset(self.name, self._split_samples(folders, suffixes, split, mask_of_image))
-            for split in (Split.TRAIN, Split.TEST)
+            ImageFileDataset(self.name, annotate_samples(samples, boxes_of_image))
+            for samples in (self._split_samples(folders, suffixes, split, mask_of_image)
+                            for split in (Split.TRAIN, Split.TEST))
         )
         return train, test
 
@@ -168,7 +179,7 @@ class SupervisedFolder(SupervisedSplitMixin, Folder):
         )
         if mask_of_image:
             samples["mask_path"] = [str(mask_of_image.get(Path(path), "")) for path in samples.image_path]
-            samples.attrs["task"] = "segmentation"
+            samples.attrs["task"] = "segmentation"  # for the test: evaluation_task checks that every anomaly has one
         return samples
 
     def _folders(self, folders: Folders | None) -> list[Path]:

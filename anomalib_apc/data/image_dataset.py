@@ -5,7 +5,8 @@ suffix of :data:`.image_files.IMAGE_SUFFIXES`), and read images with :func:`.ima
 which scales 16-bit images where anomalib's reader clips them. anomalib's reader is a module-level
 function that ``AnomalibDataset.__getitem__`` calls directly, so :meth:`ImageFileDataset.__getitem__`
 is that method with the reader swapped; splitting, subsampling, concatenation and collation stay
-anomalib's.
+anomalib's. An anomalous image without a mask gets the union of its boxes as ``gt_mask``, or an
+all-zero one when only its label is known (the ``annotation`` column says which, see :mod:`.annotations`).
 """
 
 import torch
@@ -13,10 +14,11 @@ from anomalib import TaskType
 from anomalib.data.dataclasses import ImageItem
 from anomalib.data.datasets.base.image import AnomalibDataset
 from anomalib.data.utils import LabelName, read_mask
-from pandas import DataFrame
+from pandas import DataFrame, Series
 from torchvision.transforms.v2 import Transform
 from torchvision.tv_tensors import Mask
 
+from anomalib_apc.data.boxes import boxes_mask
 from anomalib_apc.data.image_files import read_image
 from anomalib_apc.errors import InvalidInputError
 
@@ -62,7 +64,7 @@ class ImageFileDataset(AnomalibDataset):
             if sample.label_index == LabelName.NORMAL:
                 gt_mask = Mask(torch.zeros(image.shape[-2:])).to(torch.uint8)
             elif sample.label_index == LabelName.ABNORMAL:
-                gt_mask = _read_mask(sample.mask_path, sample.image_path)
+                gt_mask = _defect_mask(sample, image.shape[-2:])
         if self.augmentations:
             if self.task == TaskType.CLASSIFICATION:
                 image = self.augmentations(image)
@@ -79,6 +81,16 @@ class ImageFileDataset(AnomalibDataset):
             image_path=sample.image_path,
             mask_path=sample.mask_path,
         )
+
+
+def _defect_mask(sample: Series, size: torch.Size) -> Mask:
+    """The anomalous image's mask; without one the union of its boxes (:mod:`.annotations`), else all zero."""
+    if isinstance(sample.mask_path, str) and sample.mask_path:
+        return _read_mask(sample.mask_path, sample.image_path)
+    boxes = sample.get("boxes")
+    if boxes:
+        return Mask(boxes_mask(boxes, *size))
+    return Mask(torch.zeros(size, dtype=torch.uint8))
 
 
 def _read_mask(mask_path: str, image_path: str) -> Mask:

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2.functional import to_dtype, to_image
 
+from anomalib_apc.data.boxes import YOLO_SUFFIX
 from anomalib_apc.errors import InvalidInputError, MissingInputError
 
 logger = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ def list_image_files(folder: Path, recursive: bool = False, suffixes: Sequence[s
     """The image files in ``folder`` (and its sub-folders with ``recursive``), sorted.
 
     Other files are not dropped silently: they are named in a warning, so that an image in a format
-    the project does not read is noticed.
+    the project does not read is noticed; a YOLO box file beside its image (``x.txt``) is no such file.
 
     Raises:
         MissingInputError: ``folder`` is not a folder.
@@ -49,7 +50,8 @@ def list_image_files(folder: Path, recursive: bool = False, suffixes: Sequence[s
         raise MissingInputError(msg)
     files = sorted(path for path in (folder.rglob("*") if recursive else folder.iterdir()) if path.is_file())
     images = [path for path in files if is_image_file(path, suffixes)]
-    ignored = sorted(set(files) - set(images))
+    box_files = {image.with_suffix(YOLO_SUFFIX) for image in images}  # read by .annotations, not ignored
+    ignored = sorted(set(files) - set(images) - box_files)
     if ignored:
         logger.warning(
             "%s: %d file(s) ignored, not images (suffixes %s): %s",

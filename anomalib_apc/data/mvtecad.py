@@ -1,7 +1,8 @@
 """MVTec AD layout folders as a supervised datamodule: :class:`SupervisedMVTecAD`.
 
 The samples table has anomalib's columns and, for PNG files, anomalib's values (``MVTecAD`` with
-``num_anomalies=0`` gives the same tables), with two differences that anomalib's ``MVTecAD`` gets
+``num_anomalies=0`` gives the same tables, plus the ``annotation`` and ``boxes`` columns of
+:mod:`.annotations`), with two differences that anomalib's ``MVTecAD`` gets
 wrong silently: every suffix of :data:`.image_files.IMAGE_SUFFIXES` is an image (anomalib reads
 ``.png`` only and drops ``.jpg`` and the rest without a word), and masks are paired by name
 (:mod:`.pairing`), not by sort order.
@@ -16,6 +17,7 @@ from anomalib.data.utils import LabelName, Split, TestSplitMode, ValSplitMode, v
 from pandas import DataFrame
 from torchvision.transforms.v2 import Transform
 
+from anomalib_apc.data.annotations import TrainingAnnotation, annotate_samples, find_boxes
 from anomalib_apc.data.image_dataset import ImageFileDataset
 from anomalib_apc.data.image_files import IMAGE_SUFFIXES, list_image_files
 from anomalib_apc.data.pairing import pair_masks
@@ -26,13 +28,18 @@ NORMAL_LABEL = "good"
 """The folder name of normal images in ``train/`` and ``test/``."""
 
 
-def mvtec_samples(category_dir: Path, where: str) -> DataFrame:
+def mvtec_samples(category_dir: Path, where: str, boxes: str | Path | None = None) -> DataFrame:
     """anomalib's samples table of a category folder in MVTec AD layout, every split, masks paired by name.
+
+    The table has the ``annotation`` and ``boxes`` columns of :func:`.annotations.annotate_samples`;
+    boxes are YOLO files beside the anomalous images, or under ``boxes`` (mirroring ``test/``, or a CSV file).
 
     Raises:
         MissingInputError: ``train/good`` holds no image, ``test`` is missing, or an anomalous image
-            has no mask (or a mask no image); the message names the folder or files.
-        InvalidInputError: Two images or masks have the same name key (see :mod:`.pairing`).
+            has neither mask nor boxes while others have masks (or a mask has no image); the message
+            names the folder or files.
+        InvalidInputError: Two images or masks have the same name key (see :mod:`.pairing`), or a box
+            file cannot be used (see :mod:`.boxes`).
     """
     normal_dir = category_dir / Split.TRAIN.value / NORMAL_LABEL
     for folder in (normal_dir, category_dir / Split.TEST.value):
@@ -61,12 +68,17 @@ def mvtec_samples(category_dir: Path, where: str) -> DataFrame:
     anomalous = [Path(path) for path in samples.image_path[is_anomalous]]
     mask_folders = sorted(path for path in masks_dir.iterdir() if path.is_dir()) if masks_dir.is_dir() else []
     masks = [mask for folder in mask_folders for mask in list_image_files(folder)]
-    mask_of_image = pair_masks([(test_dir, anomalous)], [(masks_dir, masks)], where)
+    boxes_of_image = find_boxes(anomalous, [test_dir], boxes, where)
+    mask_of_image = pair_masks([(test_dir, anomalous)], [(masks_dir, masks)], where, boxes_of_image) if masks else {}
     samples["mask_path"] = None  # anomalib's value for images without a mask
     if mask_of_image:
-        samples.loc[is_anomalous, "mask_path"] = [str(mask_of_image[path]) for path in anomalous]
+        samples.loc[is_anomalous, "mask_path"] = [_optional_str(mask_of_image.get(path)) for path in anomalous]
     samples.attrs["task"] = "segmentation"
-    return samples
+    return annotate_samples(samples, boxes_of_image)
+
+
+def _optional_str(path: Path | None) -> str | None:
+    return None if path is None else str(path)
 
 
 class SupervisedMVTecAD(SupervisedSplitMixin, MVTecAD):
@@ -87,6 +99,13 @@ class SupervisedMVTecAD(SupervisedSplitMixin, MVTecAD):
             fine-tuning sample, real or CutPaste, image and mask alike (the paper's basic augmentations);
             never the memory bank's images, validation or test. With ``cutpaste_probability=0`` the
             fine-tuning sees these augmentations only, as in the paper's "without CutPaste" ablation.
+        boxes: Where defect boxes are for anomalous images without a mask: a folder mirroring ``test/``
+            (``boxes/<defect type>/x.txt``, YOLO) or a CSV file (``image,x0,y0,x1,y1`` in pixels);
+            ``None``: YOLO files beside the images (``test/<defect type>/x.txt``), if any. An anomalous
+            image with neither mask nor box is known by its label alone (only when no image has a mask).
+        training_annotation: ``"as_given"`` trains on each anomaly's finest annotation; ``"box"`` and
+            ``"label"`` reduce the training anomalies' masks to boxes or to nothing, to measure what
+            cheaper annotation costs (the test set keeps its masks).
         num_workers: Dataloader worker processes, and the threads that decode every file once at set-up.
         seed: Seed of the anomaly choice, the sampler, CutPaste and anomalib's own splits.
 
@@ -110,6 +129,8 @@ class SupervisedMVTecAD(SupervisedSplitMixin, MVTecAD):
         cutpaste_saturation: float = 0.5,
         cutpaste_rotation_degrees: float = 90.0,
         basic_augmentations: bool = True,
+        boxes: str | Path | None = None,
+        training_annotation: TrainingAnnotation = "as_given",
         train_batch_size: int = 32,
         eval_batch_size: int = 32,
         num_workers: int = 8,
@@ -147,7 +168,9 @@ class SupervisedMVTecAD(SupervisedSplitMixin, MVTecAD):
             cutpaste_saturation,
             cutpaste_rotation_degrees,
             basic_augmentations,
+            training_annotation,
         )
+        self.boxes = boxes
 
     def prepare_data(self) -> None:
         """Download MVTec AD only for one of its own categories; otherwise name the missing folder.
@@ -167,7 +190,7 @@ class SupervisedMVTecAD(SupervisedSplitMixin, MVTecAD):
         super().prepare_data()
 
     def _read_datasets(self) -> tuple[ImageFileDataset, ImageFileDataset]:
-        samples = mvtec_samples(Path(self.root) / self.category, where=f"{self.name} {self.category!r}")
+        samples = mvtec_samples(Path(self.root) / self.category, f"{self.name} {self.category!r}", self.boxes)
         train, test = (
             ImageFileDataset(
                 self.name,

@@ -15,11 +15,11 @@ checks that each image's stem occurs in its mask's stem. Folders that sort diffe
   mask folder only (``abnormal_dir=["bad/scratch", "bad/dent"]`` with
   ``mask_dir=["masks/1_scratch", "masks/2_dent"]``); otherwise all masks serve all images.
 
-Two images or two masks with the same key are ambiguous, an image without a mask and a mask without
-an image are missing: both are errors naming the files.
+Two images or two masks with the same key are ambiguous, an image without a mask (unless it has
+boxes, see :mod:`.annotations`) and a mask without an image are missing: both are errors naming the files.
 """
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 from anomalib_apc.data.messages import bulleted
@@ -29,13 +29,17 @@ FolderFiles = tuple[Path, Sequence[Path]]
 """A folder and the files found in it (or in its sub-folders)."""
 
 
-def pair_masks(images: Sequence[FolderFiles], masks: Sequence[FolderFiles], where: str) -> dict[Path, Path]:
+def pair_masks(
+    images: Sequence[FolderFiles], masks: Sequence[FolderFiles], where: str, may_lack_mask: Collection[Path] = ()
+) -> dict[Path, Path]:
     """The mask of every anomalous image, paired by name (see the module docstring for the rule).
 
     Args:
         images: The anomalous image folders, each with its image files.
         masks: The mask folders, each with its mask files.
         where: The dataset, for the error messages.
+        may_lack_mask: Images annotated otherwise (by boxes): without a mask they are left out of
+            the result instead of being an error.
 
     Raises:
         InvalidInputError: Two images or two masks have the same key; the message names them.
@@ -64,7 +68,9 @@ def pair_masks(images: Sequence[FolderFiles], masks: Sequence[FolderFiles], wher
         msg = f"{where}: masks are paired with images by name, and these names are ambiguous:\n" + bulleted(ambiguous)
         raise InvalidInputError(msg)
     missing = [
-        f"anomalous image {paths[0]} has no mask" for key, paths in images_by_key.items() if key not in masks_by_key
+        f"anomalous image {paths[0]} has no mask (nor boxes)"
+        for key, paths in images_by_key.items()
+        if key not in masks_by_key and paths[0] not in may_lack_mask
     ]
     missing += [
         f"mask {paths[0]} has no anomalous image" for key, paths in masks_by_key.items() if key not in images_by_key
@@ -72,10 +78,11 @@ def pair_masks(images: Sequence[FolderFiles], masks: Sequence[FolderFiles], wher
     if missing:
         msg = (
             f"{where}: every anomalous image needs a mask of the same name (x.png with x.png or x_mask.png, "
-            "in a folder of the same name when there are sub-folders):\n" + bulleted(missing)
+            "in a folder of the same name when there are sub-folders), or boxes; with no mask at all, anomalous "
+            "images are known by their label alone:\n" + bulleted(missing)
         )
         raise MissingInputError(msg)
-    return {paths[0]: masks_by_key[key][0] for key, paths in images_by_key.items()}
+    return {paths[0]: masks_by_key[key][0] for key, paths in images_by_key.items() if key in masks_by_key}
 
 
 def _has_sub_folders(folder: Path, files: Sequence[Path]) -> bool:

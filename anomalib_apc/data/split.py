@@ -34,7 +34,16 @@ from anomalib.data.datasets.base.image import AnomalibDataset
 from anomalib.data.utils import LabelName
 from torch.utils.data import DataLoader
 
-from anomalib_apc.contracts import AnomalyTrainee, trains_on_anomalous_images
+from anomalib_apc.contracts import Annotation, AnomalyTrainee, trains_on_anomalous_images
+from anomalib_apc.data.annotated_batch import AnnotatedImageBatch
+from anomalib_apc.data.annotations import (
+    TRAINING_ANNOTATIONS,
+    TrainingAnnotation,
+    annotation_counts,
+    describe_counts,
+    evaluation_task,
+    reduce_annotations,
+)
 from anomalib_apc.data.basic_augmentation import BasicAugmentation
 from anomalib_apc.data.cutpaste import CutPaste
 from anomalib_apc.data.image_dataset import ImageFileDataset
@@ -120,6 +129,7 @@ class SupervisedSplitMixin:
         cutpaste_saturation: float,
         cutpaste_rotation_degrees: float,
         basic_augmentations: bool,
+        training_annotation: TrainingAnnotation = "as_given",
     ) -> None:
         if num_anomalies < 0:
             msg = f"num_anomalies must be 0 or more, got {num_anomalies}."
@@ -132,6 +142,10 @@ class SupervisedSplitMixin:
         self.cutpaste_probability = cutpaste_probability
         self.cutpaste = CutPaste(cutpaste_brightness, cutpaste_saturation, cutpaste_rotation_degrees)
         self.basic_augmentations = basic_augmentations
+        if training_annotation not in TRAINING_ANNOTATIONS:
+            msg = f"training_annotation must be one of {list(TRAINING_ANNOTATIONS)}, got {training_annotation!r}."
+            raise InvalidInputError(msg)
+        self.training_annotation = training_annotation
         self._training_anomalies: pd.DataFrame | None = None
 
     def _read_datasets(self) -> tuple[ImageFileDataset, ImageFileDataset]:
@@ -149,7 +163,9 @@ class SupervisedSplitMixin:
             )
             self._training_anomalies = self.test_data.samples.iloc[:0]
             return
-        self._training_anomalies = self._take_anomalies_from_test()
+        chosen = self._take_anomalies_from_test()
+        self._training_anomalies = reduce_annotations(chosen, self.training_annotation, self.name)
+        self.test_data.samples.attrs["task"] = evaluation_task(self.test_data.samples, self.name)
 
     def _create_val_split(self) -> None:
         """Let anomalib make its validation split, add the chosen anomalies to the train set, check every file."""
@@ -197,7 +213,7 @@ class SupervisedSplitMixin:
             sampler=TrainDrawSampler(labels, balanced=self.balanced_sampling, seed=self.seed, **self._replicas()),
             batch_size=self.train_batch_size,
             num_workers=self.num_workers,
-            collate_fn=self.external_collate_fn or self.train_data.collate_fn,
+            collate_fn=self.external_collate_fn or AnnotatedImageBatch.collate,
         )
 
     def normal_train_dataloader(self) -> DataLoader:
@@ -264,14 +280,18 @@ class SupervisedSplitMixin:
             "category": self.category,
             "seed": self.seed,
             "num_anomalies": self.num_anomalies,
+            "training_annotation": self.training_annotation,
             "train_anomalies": [
                 {
                     "image_path": _absolute(row.image_path),
                     "mask_path": _absolute(row.mask_path),
+                    "annotation": Annotation(row.annotation).name.lower(),
+                    "boxes": [list(box) for box in row.boxes] if row.boxes else None,
                     "defect_type": defect_type_of(row.image_path),
                 }
                 for row in anomalies.itertuples()
             ],
+            "train_annotation_counts": annotation_counts(anomalies),
             "counts": self.split_counts(),
             "test_image_paths": [_absolute(path) for path in self.test_data.samples.image_path],
         }
@@ -322,14 +342,16 @@ class SupervisedSplitMixin:
         train_samples = self.train_data.samples
         anomalies = self._chosen_anomalies()[train_samples.columns].assign(split="train")
         combined = pd.concat([train_samples, anomalies], ignore_index=True)
-        combined.attrs = dict(self.test_data.samples.attrs)  # the task: segmentation, so masks are read
+        # The segmentation task, so that every training image gets its gt_mask: its mask, its boxes, or zeros.
+        combined.attrs = {**self.test_data.samples.attrs, "task": "segmentation"}
         self.train_data.samples = combined
         logger.info(
-            "%s: moved %d anomalous images (%s) from test to train with seed %d. Counts: %s.",
+            "%s: moved %d anomalous images (%s) from test to train with seed %d; %s. Counts: %s.",
             self.name,
             self.num_anomalies,
             ", ".join(f"{kind}: {count}" for kind, count in sorted(self._defect_type_counts().items())),
             self.seed,
+            describe_counts(anomalies),
             self.split_counts(),
         )
 

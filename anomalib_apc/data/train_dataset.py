@@ -1,15 +1,21 @@
-"""The training set as the model sees it: real images and anomalies, CutPaste anomalies made from them, augmented."""
+"""The training set as the model sees it: real images and anomalies, CutPaste anomalies made from them, augmented.
+
+Every item says how much of its defect is known (:class:`.annotated_batch.AnnotatedImageItem`): the
+real images as annotated (see :mod:`.annotations`), a CutPaste anomaly as its source (the pasted mask
+region, or the pasted box).
+"""
 
 import logging
 from collections.abc import Sequence
 
 import numpy as np
 import torch
-from anomalib.data.dataclasses import ImageItem
 from anomalib.data.datasets.base.image import AnomalibDataset
 from anomalib.data.utils import LabelName
 from torch.utils.data import Dataset
 
+from anomalib_apc.contracts import Annotation
+from anomalib_apc.data.annotated_batch import AnnotatedImageItem
 from anomalib_apc.data.basic_augmentation import BasicAugmentation
 from anomalib_apc.data.cutpaste import CutPaste
 from anomalib_apc.data.image_files import open_decoded
@@ -53,28 +59,34 @@ class SupervisedTrainDataset(Dataset):
         self.augmentation = augmentation
         self.normal_indices = np.flatnonzero(labels == LabelName.NORMAL).tolist()
         self.is_anomalous = labels == LabelName.ABNORMAL
+        self.annotations = dataset.samples.annotation.to_numpy(dtype=int)
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, draw: tuple[int, int]) -> ImageItem:
+    def __getitem__(self, draw: tuple[int, int]) -> AnnotatedImageItem:
         index, sample_seed = draw
         generator = torch.Generator().manual_seed(sample_seed)
         can_cutpaste = bool(self.is_anomalous[index] and self.cutpaste_source_indices and self.normal_indices)
         if can_cutpaste and float(torch.rand((), generator=generator)) < self.cutpaste_probability:
             item = self._cutpaste_item(generator)
         else:
-            item = self.dataset[index]
+            real = self.dataset[index]
+            item = AnnotatedImageItem(image=real.image, gt_mask=real.gt_mask, gt_label=real.gt_label,
+                                      image_path=real.image_path, mask_path=real.mask_path,
+                                      annotation=torch.tensor(self.annotations[index]))
         if self.augmentation is None:
             return item
         image, mask = self.augmentation(item.image, item.gt_mask, generator)
         return item.update(in_place=False, image=image, gt_mask=mask)
 
-    def _cutpaste_item(self, generator: torch.Generator) -> ImageItem:
+    def _cutpaste_item(self, generator: torch.Generator) -> AnnotatedImageItem:
         normal = self.dataset[_pick(self.normal_indices, generator)]
-        source = self.dataset[_pick(self.cutpaste_source_indices, generator)]
+        source_index = _pick(self.cutpaste_source_indices, generator)
+        source = self.dataset[source_index]
         image, mask = self.cutpaste(normal.image, source.image, source.gt_mask, generator)
-        return ImageItem(image=image, gt_mask=mask, gt_label=torch.tensor(1), image_path=normal.image_path)
+        return AnnotatedImageItem(image=image, gt_mask=mask, gt_label=torch.tensor(1), image_path=normal.image_path,
+                                  annotation=torch.tensor(self.annotations[source_index]))
 
 
 def _pick(indices: Sequence[int], generator: torch.Generator) -> int:
@@ -82,10 +94,22 @@ def _pick(indices: Sequence[int], generator: torch.Generator) -> int:
 
 
 def cutpaste_source_indices(dataset: AnomalibDataset) -> list[int]:
-    """Indices of the training anomalies whose mask marks a defect; an empty mask is explained, not cut."""
+    """Indices of the training anomalies whose mask or boxes mark a defect; an empty mask is explained, not cut.
+
+    A box is cut whole (the defect and the background around it). An image known by its label alone
+    has no region to cut.
+    """
     samples = dataset.samples
     sources = []
-    for index in np.flatnonzero(samples.label_index.to_numpy(dtype=int) == LabelName.ABNORMAL).tolist():
+    anomalous = np.flatnonzero(samples.label_index.to_numpy(dtype=int) == LabelName.ABNORMAL).tolist()
+    label_only = [index for index in anomalous if samples.annotation.iloc[index] == Annotation.LABEL]
+    if label_only:
+        logger.info("%d training anomalies are known by their label alone: CutPaste cuts nothing from them.",
+                    len(label_only))
+    for index in sorted(set(anomalous) - set(label_only)):
+        if samples.annotation.iloc[index] == Annotation.BOX:
+            sources.append(index)
+            continue
         with open_decoded(samples.mask_path.iloc[index]) as mask:
             if mask.convert("L").getbbox() is not None:
                 sources.append(index)
@@ -97,5 +121,5 @@ def cutpaste_source_indices(dataset: AnomalibDataset) -> list[int]:
             samples.mask_path.iloc[index],
         )
     if not sources:
-        logger.warning("No training anomaly has a non-empty mask: CutPaste is off.")
+        logger.warning("No training anomaly has a non-empty mask or a box: CutPaste is off.")
     return sources

@@ -36,6 +36,18 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+def step_without_update(device: torch.device) -> dict[str, torch.Tensor] | None:
+    """The output of a training step that updates no weight: nothing, or under DDP a constant loss.
+
+    Lightning refuses a ``None`` step output under DDP; a constant with no path to any parameter
+    (anomalib's PatchCore returns one too) lets the pass run and the step be counted, so the
+    checkpoint is written, without any gradient or all-reduce.
+    """
+    if world()[1] == 1:
+        return None
+    return {"loss": torch.zeros((), device=device, requires_grad=True)}
+
+
 def contiguous_share(count: int, rank: int, world_size: int) -> range:
     """The ``rank``-th of ``world_size`` contiguous, non-overlapping parts of ``range(count)``, sizes within one."""
     return range(count * rank // world_size, count * (rank + 1) // world_size)

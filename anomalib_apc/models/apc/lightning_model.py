@@ -41,16 +41,17 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 from torch.utils.data import DataLoader
 
+from anomalib_apc.contracts import annotations_of
 from anomalib_apc.errors import InvalidInputError
 from anomalib_apc.sampling import DEFAULT_CHUNK_ROWS, CoresetSampler, PatchStorage
 
 from .arguments import FineTuneScope, check_training_arguments
 from .batchnorm import adapt_batchnorm_statistics
 from .decoder import DecoderType
-from .distributed import world
+from .distributed import step_without_update
 from .finetuning_checkpoint import FineTuningCheckpoint, keep_the_trained_model
 from .interruption import InterruptionGuard, stop_if_terminated
-from .loss import ApcLoss
+from .loss import ApcLoss, BoxSupervision, LabelSupervision
 from .memory_bank import CoresetOptions, build_memory_bank_on_all_ranks
 from .network import build_network
 from .normal_images import normal_training_dataloader, training_anomaly_count
@@ -78,6 +79,10 @@ class AnomalousPatchCore(MemoryBankMixin, AnomalibModule):
             Empty (or ``finetune_epochs=0``) gives plain PatchCore on the initial weights.
         loss_weights: Weights of the classification, segmentation and reconstruction losses, in that
             order (a disabled task's weight is unused).
+        box_supervision: Training anomalies known by boxes: outside them pixels are normal; the segmentation
+            loss ``"ignore"``s the pixels inside or targets 0.5 there (``"soft"``), see :mod:`.loss`.
+        label_supervision: Training anomalies known by their label alone: no segmentation loss (``"none"``)
+            or their largest segmentation logit trained as the label (``"max"``).
         finetune_epochs: Epochs of fine-tuning before the memory bank is built.
         finetune_scope: What the fine-tuning may change. ``"all"`` (the method): every weight of the
             encoder, decoder and heads, by AdamW on the task losses. ``"batchnorm_statistics"``: the
@@ -139,6 +144,8 @@ class AnomalousPatchCore(MemoryBankMixin, AnomalibModule):
         decoder: DecoderType = "unet2",
         tasks: Sequence[str] = TASKS,
         loss_weights: Sequence[float] = (10.0, 1.0, 1.0),
+        box_supervision: BoxSupervision = "ignore",
+        label_supervision: LabelSupervision = "none",
         finetune_epochs: int = 50,
         finetune_scope: FineTuneScope = "all",
         learning_rate: float = 1e-4,
@@ -174,7 +181,7 @@ class AnomalousPatchCore(MemoryBankMixin, AnomalibModule):
             seed, pre_trained=pre_trained, init_weights=init_weights, init_weights_key_map=init_weights_key_map,
             **network,
         )
-        self.loss = ApcLoss(dict(zip(TASKS, loss_weights, strict=True)))
+        self.loss = ApcLoss(dict(zip(TASKS, loss_weights, strict=True)), box_supervision, label_supervision)
         self.finetune_epochs = finetune_epochs
         self.finetune_scope = finetune_scope
         self.learning_rate = learning_rate
@@ -271,7 +278,7 @@ class AnomalousPatchCore(MemoryBankMixin, AnomalibModule):
         """One fine-tuning step on a batch of normal and anomalous images; logs every loss term."""
         del args, kwargs
         if not self.fine_tunes:
-            return self._nothing_to_learn()
+            return step_without_update(self.device)
         labels = batch.gt_label
         if labels is None:
             msg = "AnomalousPatchCore needs image labels (gt_label) in training batches; use a supervised datamodule."
@@ -281,29 +288,20 @@ class AnomalousPatchCore(MemoryBankMixin, AnomalibModule):
         if self.finetune_scope == "batchnorm_statistics":
             adapt_batchnorm_statistics(self.model.feature_extractor, batch.image, self._finetune_precision_in_use,
                                        self.channels_last)
-            return self._nothing_to_learn()
+            return step_without_update(self.device)
+        annotations = annotations_of(batch)
         if "segmentation" in self.model.tasks:
-            check_training_masks(batch, anomalous)
-        losses = self.finetune_losses(batch.image, labels, batch.gt_mask)
+            check_training_masks(batch, anomalous, annotations)
+        losses = self.finetune_losses(batch.image, labels, batch.gt_mask, annotations)
         batch_size = batch.image.shape[0]
         for name, value in losses.items():
             self.log(f"train_loss_{name}" if name != "total" else "train_loss", value, on_epoch=True, on_step=False,
                      prog_bar=name == "total", batch_size=batch_size)
         return {"loss": losses["total"]}
 
-    def _nothing_to_learn(self) -> STEP_OUTPUT | None:
-        """The step output of a step that updates no weight: nothing, or under DDP a constant loss.
-
-        Lightning refuses a ``None`` step output under DDP; a constant with no path to any parameter
-        (anomalib's PatchCore returns one too) lets the pass run and the step be counted, so the
-        checkpoint is written, without any gradient or all-reduce.
-        """
-        if world()[1] == 1:
-            return None
-        return {"loss": torch.zeros((), device=self.device, requires_grad=True)}
-
     def finetune_losses(
-        self, images: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor | None
+        self, images: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor | None,
+        annotations: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Per-task losses of one fine-tuning forward pass, in the fine-tuning precision (see :mod:`.precision`).
 
@@ -316,7 +314,7 @@ class AnomalousPatchCore(MemoryBankMixin, AnomalibModule):
         with finetune_autocast(self._finetune_precision_in_use, images.device):
             outputs = self.model.finetune_forward(images)
         with full_precision(images.device):
-            return self.loss(outputs, images=images.float(), labels=labels, masks=masks)
+            return self.loss(outputs, images=images.float(), labels=labels, masks=masks, annotations=annotations)
 
     def on_train_epoch_end(self) -> None:
         """Check that anomalies were seen; after the last epoch build the memory bank (phase 2)."""

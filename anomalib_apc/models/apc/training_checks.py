@@ -9,6 +9,7 @@ import logging
 import torch
 from anomalib.data import Batch
 
+from anomalib_apc.contracts import Annotation
 from anomalib_apc.errors import InvalidInputError
 
 logger = logging.getLogger(__name__)
@@ -26,23 +27,28 @@ NOT_FITTED_MESSAGE = (
 )
 
 
-def check_training_masks(batch: Batch, anomalous: torch.Tensor) -> None:
+def check_training_masks(batch: Batch, anomalous: torch.Tensor, annotations: torch.Tensor | None = None) -> None:
     """Refuse anomalous training images without masks; warn about empty masks (naming the images).
+
+    An image known by its label alone (``annotations``) has an all-zero ``gt_mask`` on purpose: no warning.
 
     Args:
         batch: A training batch while the segmentation task is on.
         anomalous: Which images of the batch are anomalous.
+        annotations: One ``Annotation`` value per image, or ``None`` (every image has its mask).
     """
     if not bool(anomalous.any()):
         return
     if batch.gt_mask is None:
         msg = (
             "The segmentation task is on, but the training batch has anomalous images without masks "
-            f"({_paths(batch, anomalous)}). Provide defect masks (e.g. `mask_dir` for SupervisedFolder) or "
-            "drop 'segmentation' from `tasks`."
+            f"({_paths(batch, anomalous)}). Use SupervisedFolder / SupervisedMVTecAD, which serve masks, boxes "
+            "or the label alone (see `box_supervision`, `label_supervision`), or drop 'segmentation' from `tasks`."
         )
         raise InvalidInputError(msg)
     empty = anomalous & (batch.gt_mask.reshape(anomalous.shape[0], -1).amax(dim=1) == 0)
+    if annotations is not None:
+        empty &= annotations.to(empty.device) != Annotation.LABEL
     if bool(empty.any()):
         logger.warning(
             "Anomalous training images with an empty defect mask (missing mask, or a defect too small "
