@@ -11,7 +11,7 @@ the project. :func:`run_reporting_user_errors` is the one error policy of every 
 
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 
 class ApcError(Exception):
@@ -36,6 +36,17 @@ class InterruptedRunError(ApcError, RuntimeError):
 
 class PretrainedWeightsUnavailableError(ApcError, RuntimeError):
     """Pretrained weights that were asked for cannot be had (no hub or registry, not cached, not the pinned file)."""
+
+
+def check_choice(argument: str, value: object, choices: Collection[object]) -> None:
+    """Refuse ``value`` unless it is one of ``choices``, with one message naming ``argument`` and the choices.
+
+    Raises:
+        InvalidInputError: ``value`` is not one of ``choices``.
+    """
+    if value not in choices:
+        msg = f"{argument} must be one of {list(choices)}, got {value!r}."
+        raise InvalidInputError(msg)
 
 
 USER_ERRORS = (ApcError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)

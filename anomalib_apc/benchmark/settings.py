@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from anomalib_apc.benchmark.profiles import DEFAULT_LAYERS, DEMO_PROFILE, PAPER_PROFILE
-from anomalib_apc.errors import InvalidInputError
+from anomalib_apc.errors import InvalidInputError, check_choice
 from anomalib_apc.named_weights import NAMED_WEIGHTS, is_named_weights
 from anomalib_apc.sampling import CORESET_SAMPLERS
 
@@ -256,9 +256,7 @@ class BenchmarkSettings:
         dataset = DEPRECATED_DATASET_NAMES.get(self.dataset, self.dataset)
         if dataset != self.dataset:
             logger.warning("--dataset %s is deprecated: use --dataset %s (the same thing).", self.dataset, dataset)
-        if dataset not in DATASETS:
-            msg = f"--dataset must be one of {list(DATASETS)}, got {self.dataset!r}."
-            raise InvalidInputError(msg)
+        check_choice("--dataset", dataset, DATASETS)
         if dataset != "demo" and self.root is None:
             msg = f"--dataset {dataset} needs --root (the dataset folder)."
             raise InvalidInputError(msg)

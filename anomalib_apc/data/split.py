@@ -51,7 +51,7 @@ from anomalib_apc.data.sampler import ContiguousShardSampler, TrainDrawSampler
 from anomalib_apc.data.train_dataset import SupervisedTrainDataset, cutpaste_source_indices
 from anomalib_apc.data.training_view import attached_model
 from anomalib_apc.data.validation import check_image_files
-from anomalib_apc.errors import InvalidInputError
+from anomalib_apc.errors import InvalidInputError, check_choice
 
 logger = logging.getLogger(__name__)
 
@@ -142,9 +142,7 @@ class SupervisedSplitMixin:
         self.cutpaste_probability = cutpaste_probability
         self.cutpaste = CutPaste(cutpaste_brightness, cutpaste_saturation, cutpaste_rotation_degrees)
         self.basic_augmentations = basic_augmentations
-        if training_annotation not in TRAINING_ANNOTATIONS:
-            msg = f"training_annotation must be one of {list(TRAINING_ANNOTATIONS)}, got {training_annotation!r}."
-            raise InvalidInputError(msg)
+        check_choice("training_annotation", training_annotation, TRAINING_ANNOTATIONS)
         self.training_annotation = training_annotation
         self._training_anomalies: pd.DataFrame | None = None
 

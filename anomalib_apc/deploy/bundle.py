@@ -41,7 +41,7 @@ from anomalib.post_processing import PostProcessor
 from torch import nn
 
 from anomalib_apc import __version__
-from anomalib_apc.errors import InvalidInputError, OutputExistsError
+from anomalib_apc.errors import InvalidInputError, OutputExistsError, check_choice
 from anomalib_apc.models import AnomalousPatchCore
 
 from .calibration import query_patches, read_calibration_images
@@ -108,12 +108,8 @@ def export_bundle(
         InvalidInputError: Not an AnomalousPatchCore checkpoint, unfitted model, unknown option,
             INT8 without calibration images, or a pre-processor that does not bring images to one size.
     """
-    if precision not in PRECISIONS:
-        msg = f"precision must be one of {list(PRECISIONS)}, got {precision!r}."
-        raise InvalidInputError(msg)
-    if index not in INDEX_TYPES:
-        msg = f"index must be one of {list(INDEX_TYPES)}, got {index!r}."
-        raise InvalidInputError(msg)
+    check_choice("precision", precision, PRECISIONS)
+    check_choice("index", index, INDEX_TYPES)
     directory = Path(output)
     _check_output(directory, overwrite)
     if precision == "int8":

@@ -32,7 +32,7 @@ from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from torchvision.transforms.v2.functional import resize
 
-from anomalib_apc.errors import InvalidInputError
+from anomalib_apc.errors import InvalidInputError, check_choice
 
 from .checksums import verify_checksums
 from .images import ImageInput, resize_unit_image, to_image_tensors
@@ -130,9 +130,7 @@ class ApcInferencer:
         num_threads: int | None = None,
         search: SearchMode = "default",
     ) -> None:
-        if search not in SEARCH_MODES:
-            msg = f"search must be one of {list(SEARCH_MODES)}, got {search!r}."
-            raise InvalidInputError(msg)
+        check_choice("search", search, SEARCH_MODES)
         self.bundle = Path(bundle)
         self.metadata: BundleMetadata = read_metadata(self.bundle)
         verify_checksums(self.bundle, self.metadata.checksums, self.metadata.files())

@@ -10,7 +10,7 @@ from typing import Literal
 
 import torch
 
-from anomalib_apc.errors import InvalidInputError
+from anomalib_apc.errors import check_choice
 
 from .chunked import DEFAULT_CHUNK_ROWS, ChunkedKCenterGreedy
 from .exact import FastKCenterGreedy
@@ -34,9 +34,7 @@ def check_coreset_sampler(name: str) -> None:
     Raises:
         InvalidInputError: ``name`` is not one of :data:`CORESET_SAMPLERS`.
     """
-    if name not in CORESET_SAMPLERS:
-        msg = f"coreset_sampler must be one of {list(CORESET_SAMPLERS)}, got {name!r}."
-        raise InvalidInputError(msg)
+    check_choice("coreset_sampler", name, CORESET_SAMPLERS)
 
 
 def resolve_coreset_sampler(name: str, rows: int, sampling_ratio: float) -> Literal["exact", "chunked"]:

@@ -16,7 +16,7 @@ from typing import IO, Literal
 import numpy as np
 import torch
 
-from anomalib_apc.errors import InvalidInputError
+from anomalib_apc.errors import check_choice
 
 logger = logging.getLogger(__name__)
 
@@ -34,9 +34,7 @@ def check_patch_storage(storage: str) -> None:
     Raises:
         InvalidInputError: ``storage`` is not one of :data:`PATCH_STORAGES`.
     """
-    if storage not in PATCH_STORAGES:
-        msg = f"patch_storage must be one of {list(PATCH_STORAGES)}, got {storage!r}."
-        raise InvalidInputError(msg)
+    check_choice("patch_storage", storage, PATCH_STORAGES)
 
 
 def _on_disk(storage: str, expected_bytes: int) -> bool:

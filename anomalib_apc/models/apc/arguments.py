@@ -8,7 +8,7 @@ instead of after an epoch of fine-tuning. The network's own arguments (backbone,
 from collections.abc import Sequence
 from typing import Literal
 
-from anomalib_apc.errors import InvalidInputError
+from anomalib_apc.errors import InvalidInputError, check_choice
 
 from .torch_model import TASKS
 
@@ -35,9 +35,7 @@ def check_training_arguments(
     if finetune_epochs < 0:
         msg = f"finetune_epochs must be >= 0, got {finetune_epochs}."
         raise InvalidInputError(msg)
-    if finetune_scope not in FINETUNE_SCOPES:
-        msg = f"finetune_scope must be one of {list(FINETUNE_SCOPES)}, got {finetune_scope!r}."
-        raise InvalidInputError(msg)
+    check_choice("finetune_scope", finetune_scope, FINETUNE_SCOPES)
     if not 0 < coreset_sampling_ratio <= 1:
         msg = f"coreset_sampling_ratio must be in (0, 1], got {coreset_sampling_ratio}."
         raise InvalidInputError(msg)

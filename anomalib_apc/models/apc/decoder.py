@@ -15,7 +15,7 @@ from typing import Literal, NamedTuple
 import torch
 from torch import nn
 
-from anomalib_apc.errors import InvalidInputError
+from anomalib_apc.errors import check_choice
 
 DecoderType = Literal["unet2", "unet4"]
 EXTRA_SKIPS = {"unet2": 0, "unet4": 2}
@@ -77,9 +77,7 @@ class UNetDecoder(nn.Module):
         decoder: DecoderType = "unet2",
     ) -> None:
         super().__init__()
-        if decoder not in EXTRA_SKIPS:
-            msg = f"decoder must be one of {sorted(EXTRA_SKIPS)}, got {decoder!r}."
-            raise InvalidInputError(msg)
+        check_choice("decoder", decoder, sorted(EXTRA_SKIPS))
         bottleneck = len(stage_channels) - 1
         bank_skips = sorted((index for index in set(memory_bank_indices) if index != bottleneck), reverse=True)
         shallowest_bank = min(memory_bank_indices)

@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from anomalib_apc.contracts import Annotation
-from anomalib_apc.errors import InvalidInputError
+from anomalib_apc.errors import check_choice
 
 from .torch_model import FineTuneOutput
 
@@ -58,11 +58,8 @@ class ApcLoss(nn.Module):
         label_supervision: LabelSupervision = "none",
     ) -> None:
         super().__init__()
-        for argument, value, choices in (("box_supervision", box_supervision, BOX_SUPERVISIONS),
-                                         ("label_supervision", label_supervision, LABEL_SUPERVISIONS)):
-            if value not in choices:
-                msg = f"{argument} must be one of {list(choices)}, got {value!r}."
-                raise InvalidInputError(msg)
+        check_choice("box_supervision", box_supervision, BOX_SUPERVISIONS)
+        check_choice("label_supervision", label_supervision, LABEL_SUPERVISIONS)
         self.weights = dict(weights)
         self.box_supervision = box_supervision
         self.label_supervision = label_supervision

@@ -18,7 +18,7 @@ from typing import Literal
 
 import torch
 
-from anomalib_apc.errors import InvalidInputError
+from anomalib_apc.errors import check_choice
 
 FineTunePrecision = Literal["auto", "32", "bf16-mixed"]
 FINETUNE_PRECISIONS: tuple[str, ...] = ("auto", "32", "bf16-mixed")
@@ -35,9 +35,7 @@ def native_bfloat16(device: torch.device) -> bool:
 
 def resolve_finetune_precision(precision: str, device: torch.device) -> str:
     """The precision fine-tuning runs in: ``precision`` itself, or for ``"auto"`` the device's fastest safe one."""
-    if precision not in FINETUNE_PRECISIONS:
-        msg = f"finetune_precision must be one of {list(FINETUNE_PRECISIONS)}, got {precision!r}."
-        raise InvalidInputError(msg)
+    check_choice("finetune_precision", precision, FINETUNE_PRECISIONS)
     if precision == "auto":
         return "bf16-mixed" if native_bfloat16(device) else "32"
     return precision
