@@ -161,14 +161,14 @@ class SupervisedMVTecAD(SupervisedSplitMixin, MVTecAD):
             seed=seed,
         )
         self._init_supervised_split(
-            num_anomalies,
-            balanced_sampling,
-            cutpaste_probability,
-            cutpaste_brightness,
-            cutpaste_saturation,
-            cutpaste_rotation_degrees,
-            basic_augmentations,
-            training_annotation,
+            num_anomalies=num_anomalies,
+            balanced_sampling=balanced_sampling,
+            cutpaste_probability=cutpaste_probability,
+            cutpaste_brightness=cutpaste_brightness,
+            cutpaste_saturation=cutpaste_saturation,
+            cutpaste_rotation_degrees=cutpaste_rotation_degrees,
+            basic_augmentations=basic_augmentations,
+            training_annotation=training_annotation,
         )
         self.boxes = boxes
 

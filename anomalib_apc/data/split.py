@@ -122,6 +122,7 @@ class SupervisedSplitMixin:
 
     def _init_supervised_split(
         self,
+        *,
         num_anomalies: int,
         balanced_sampling: bool,
         cutpaste_probability: float,
@@ -129,7 +130,7 @@ class SupervisedSplitMixin:
         cutpaste_saturation: float,
         cutpaste_rotation_degrees: float,
         basic_augmentations: bool,
-        training_annotation: TrainingAnnotation = "as_given",
+        training_annotation: TrainingAnnotation,
     ) -> None:
         if num_anomalies < 0:
             msg = f"num_anomalies must be 0 or more, got {num_anomalies}."
