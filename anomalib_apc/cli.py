@@ -9,41 +9,43 @@ traceback. Anything else (a torch out-of-memory, a bug) keeps Python's traceback
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+
+from jsonargparse import ArgumentParser
 
 from anomalib_apc import __version__
 from anomalib_apc.errors import run_reporting_user_errors
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The parser with one sub-parser per command, each defined by the package that runs it."""
-    from anomalib_apc.benchmark.cli import add_arguments as add_benchmark_arguments
-    from anomalib_apc.benchmark.cli import run as run_benchmark
-    from anomalib_apc.deploy.cli import (
-        add_export_bundle_arguments,
-        add_predict_arguments,
-        run_export_bundle,
-        run_predict,
-    )
+def build_parser() -> ArgumentParser:
+    """The parser with one subcommand per command (jsonargparse, as anomalib's), each defined by its package."""
+    from anomalib_apc.benchmark.cli import build_parser as build_benchmark_parser
+    from anomalib_apc.deploy.cli import add_export_bundle_arguments, add_predict_arguments
 
-    parser = argparse.ArgumentParser(prog="anomalib-apc", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="anomalib-apc", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="log at INFO level, and print the traceback of a user error")
-    commands = parser.add_subparsers(dest="command", required=True)
-    for name, help_text, add_arguments, run in (
-        ("benchmark", "train Patchcore and APC on one split and compare them", add_benchmark_arguments, run_benchmark),
-        ("export-bundle", "export a trained APC checkpoint as a deployment bundle", add_export_bundle_arguments,
-         run_export_bundle),
-        ("predict", "score images with a deployment bundle", add_predict_arguments, run_predict),
-        ("weights", "fetch named pretrained encoder weights into the cache (or a file)", add_weights_arguments,
-         run_weights),
+    commands = parser.add_subcommands(dest="command", required=True)
+    commands.add_subcommand("benchmark", build_benchmark_parser(), help=COMMAND_HELP["benchmark"])
+    for name, add_arguments in (
+        ("export-bundle", add_export_bundle_arguments),
+        ("predict", add_predict_arguments),
+        ("weights", add_weights_arguments),
     ):
-        command = commands.add_parser(name, help=help_text, description=help_text)
+        command = ArgumentParser(description=COMMAND_HELP[name])
         add_arguments(command)
-        command.set_defaults(run=run)
+        commands.add_subcommand(name, command, help=COMMAND_HELP[name])
     return parser
+
+
+COMMAND_HELP = {
+    "benchmark": "train Patchcore and APC on one split and compare them",
+    "export-bundle": "export a trained APC checkpoint as a deployment bundle",
+    "predict": "score images with a deployment bundle",
+    "weights": "fetch named pretrained encoder weights into the cache (or a file)",
+}
 
 
 def add_weights_arguments(parser: argparse.ArgumentParser) -> None:
@@ -68,17 +70,35 @@ def run_weights(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_command(args: argparse.Namespace) -> int:
-    """Runs a parsed command (``args.run``) under the project's error policy and returns its exit status."""
-    return run_reporting_user_errors(lambda: args.run(args), f"anomalib-apc {args.command}", args.verbose)
+def command_runner(name: str) -> Callable[[argparse.Namespace], int]:
+    """The function that runs command ``name`` with its parsed arguments (imported only when it runs)."""
+    if name == "benchmark":
+        from anomalib_apc.benchmark.cli import run as run_benchmark
+
+        return run_benchmark
+    if name == "weights":
+        return run_weights
+    from anomalib_apc.deploy.cli import run_export_bundle, run_predict
+
+    return {"export-bundle": run_export_bundle, "predict": run_predict}[name]
+
+
+def run_command(name: str, args: argparse.Namespace, verbose: bool) -> int:
+    """Runs command ``name`` with its parsed ``args`` under the project's error policy; its exit status."""
+    return run_reporting_user_errors(lambda: command_runner(name)(args), f"anomalib-apc {name}", verbose)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; returns the process exit code."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+    name = args.command
+    command_args = args[name]
+    verbose = args.verbose or bool(command_args.get("verbose"))
+    if "verbose" in command_args:
+        command_args.verbose = verbose  # ``anomalib-apc -v benchmark`` as ``anomalib-apc benchmark -v``
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    return run_command(args)
+    return run_command(name, command_args, verbose)
 
 
 if __name__ == "__main__":

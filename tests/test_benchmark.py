@@ -1,6 +1,5 @@
 """`anomalib-apc benchmark`: one split for both models, the tables and figures, failures kept apart."""
 
-import argparse
 import csv
 import json
 import math
@@ -25,7 +24,7 @@ from anomalib_apc.benchmark.report import (
 )
 from anomalib_apc.benchmark.results import BenchmarkResult, Initialisation, ModelRun, SplitRun
 from anomalib_apc.benchmark.runner import describe_split_mismatch
-from anomalib_apc.benchmark.settings import APC, PATCHCORE, PATCHCORE_FAST_CORESET, BenchmarkSettings
+from anomalib_apc.benchmark.settings import APC, CONFIG_FILE, PATCHCORE, PATCHCORE_FAST_CORESET, BenchmarkSettings
 from anomalib_apc.benchmark.verdict import verdict_lines
 from anomalib_apc.data import SPLIT_FILE_NAME, make_demo_dataset
 from anomalib_apc.errors import PretrainedWeightsUnavailableError
@@ -34,9 +33,7 @@ TINY = ["--image-size", "64", "--backbone", "resnet18", "--seeds", "0", "--no-pr
 
 
 def _run_cli(*arguments: str) -> int:
-    parser = argparse.ArgumentParser()
-    cli.add_arguments(parser)
-    return cli.run(parser.parse_args(list(arguments)))
+    return cli.run(cli.build_parser().parse_args(list(arguments)))
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +102,21 @@ def test_writes_tables_with_every_quantity_and_a_mean_row(demo_benchmark: Path) 
     markdown = (demo_benchmark / "results.md").read_text()
     assert "| APC | demo |" in markdown and "## Minus Patchcore" in markdown
     assert "random (--no-pretrained)" in markdown
+
+
+@pytest.mark.integration
+def test_the_config_a_run_writes_repeats_it_exactly(demo_benchmark: Path, tmp_path: Path) -> None:
+    """``--config OUTPUT/config.yaml`` (another output) gives every run's metrics again, to the last bit."""
+
+    def metrics(output: Path) -> list[tuple]:
+        runs = json.loads((output / "results.json").read_text())["runs"]
+        return [(run["model"], run["category"], run["seed"], run["metrics"]) for run in runs if not run["error"]]
+
+    repeat = tmp_path / "repeat"
+    assert _run_cli("--config", str(demo_benchmark / CONFIG_FILE), "--output", str(repeat)) == 1  # broken again
+    assert len(metrics(demo_benchmark)) == 3 and metrics(repeat) == metrics(demo_benchmark)
+    original = (demo_benchmark / CONFIG_FILE).read_text()
+    assert (repeat / CONFIG_FILE).read_text() == original.replace(str(demo_benchmark), str(repeat))
 
 
 @pytest.mark.integration
@@ -241,9 +253,7 @@ def test_differing_test_sets_are_refused() -> None:
 
 
 def test_no_arguments_mean_the_demo_on_pretrained_features_over_three_seeds() -> None:
-    parser = argparse.ArgumentParser()
-    cli.add_arguments(parser)
-    settings = cli.settings_from_arguments(parser.parse_args([])).resolved()
+    settings = cli.settings_from_arguments(cli.build_parser().parse_args([])).resolved()
     assert (settings.dataset, settings.backbone, settings.layers, settings.init_weights) == (
         "demo",
         "vgg16_bn",

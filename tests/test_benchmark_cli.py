@@ -4,7 +4,7 @@ import argparse
 import logging
 import subprocess
 import sys
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 import pytest
@@ -13,15 +13,13 @@ from anomalib_apc.benchmark import cli
 from anomalib_apc.benchmark.runner import clear_earlier_results, run_benchmark
 from anomalib_apc.benchmark.settings import MVTEC_LAYOUT, BenchmarkSettings
 from anomalib_apc.cli import main as apc_main
-from anomalib_apc.errors import MissingInputError, OutputExistsError
+from anomalib_apc.errors import InvalidInputError, MissingInputError, OutputExistsError
 
 TINY = ["--image-size", "64", "--backbone", "resnet18", "--no-pretrained", "--finetune-epochs", "1"]
 
 
 def _parse(*arguments: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    cli.add_arguments(parser)
-    return parser.parse_args(list(arguments))
+    return cli.build_parser().parse_args(list(arguments))
 
 
 def _main(capsys: pytest.CaptureFixture, *arguments: str) -> tuple[int, str]:
@@ -32,8 +30,7 @@ def _main(capsys: pytest.CaptureFixture, *arguments: str) -> tuple[int, str]:
 
 def test_every_setting_is_an_option_with_the_settings_default() -> None:
     assert cli.settings_from_arguments(_parse()) == BenchmarkSettings()
-    parser = argparse.ArgumentParser()
-    cli.add_arguments(parser)
+    parser = cli.build_parser()
     flags = {option for action in parser._actions for option in action.option_strings}
     names = {settings_field.name for settings_field in fields(BenchmarkSettings)}
     assert {action.dest for action in parser._actions} >= names
@@ -138,3 +135,59 @@ def test_missing_mvtec_category_is_named_and_not_downloaded(tiny_dataset, tmp_pa
     with pytest.raises(MissingInputError, match=expected):
         run_benchmark(settings)
     assert not (tiny_dataset.root / "bottle").exists()
+
+
+FLAGS = ["--dataset", MVTEC_LAYOUT, "--root", "parts", "--seeds", "3", "4", "--image-size", "96", "64", "--batch-size",
+         "4", "--init-weights", "trunk.pth", "--init-weights-key-map", "^a=b", "--variants", "bn-only", "--overwrite"]
+
+
+def test_print_config_is_a_config_file_that_gives_the_same_settings(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    with pytest.raises(SystemExit):
+        _parse(*FLAGS, "--print_config")
+    config = tmp_path / "settings.yaml"
+    config.write_text(capsys.readouterr().out)
+    from_flags = cli.settings_from_arguments(_parse(*FLAGS))
+    assert from_flags.image_size == (96, 64) and from_flags.init_weights == "trunk.pth"
+    assert cli.settings_from_arguments(_parse("--config", str(config))) == from_flags
+    overridden = cli.settings_from_arguments(_parse("--config", str(config), "--seeds", "7"))
+    assert (overridden.seeds, overridden.train_batch_size) == ((7,), 4)  # options after --config win, others kept
+
+
+def test_the_config_a_run_writes_resolves_to_the_same_settings(tmp_path: Path) -> None:
+    """``OUTPUT/config.yaml`` pins what the profile filled in, so a later default cannot change a repeat."""
+    for settings in (
+        BenchmarkSettings(),  # the demo: profile backbone, layers, named weights and seeds
+        cli.settings_from_arguments(_parse(*FLAGS)),
+        BenchmarkSettings(dataset="folder", root=tmp_path, pre_trained=False, image_size=(64, 64)),
+    ):
+        resolved = settings.resolved()
+        config = tmp_path / "config.yaml"
+        config.write_text(resolved.as_config())
+        repeated = cli.settings_from_arguments(_parse("--config", str(config)))
+        assert repeated.resolved() == replace(resolved, overwrite=False)
+
+
+def test_contradicting_initialisations_in_a_config_are_named(tmp_path: Path) -> None:
+    config = tmp_path / "settings.yaml"
+    config.write_text("pre_trained: false\ninit_weights: trunk.pth\n")
+    settings = cli.settings_from_arguments(_parse("--config", str(config)))
+    with pytest.raises(InvalidInputError, match=r"--no-pretrained .*and --init-weights trunk.pth contradict"):
+        settings.resolved()
+
+
+@pytest.mark.parametrize(
+    ("content", "named"),
+    [("num_anomalie: 3\n", "num_anomalie"), ("annotation: boxes\n", '"annotation"'), ("seeds: [a]\n", '"seeds"'),
+     ("image_size: 256\n", "not iterable")],  # jsonargparse names no key when a list option gets one value
+)
+def test_a_bad_config_key_or_value_fails_the_parse(
+    tmp_path: Path, content: str, named: str, capsys: pytest.CaptureFixture
+) -> None:
+    config = tmp_path / "settings.yaml"
+    config.write_text(content)
+    with pytest.raises(SystemExit) as exit_info:
+        _parse("--config", str(config))
+    assert exit_info.value.code == 2
+    assert named in capsys.readouterr().err

@@ -1,6 +1,5 @@
 """The benchmark's rows beyond Patchcore and APC: --variants (configs/ablations), --baselines, key map, image size."""
 
-import argparse
 import inspect
 import math
 import shutil
@@ -183,8 +182,7 @@ def test_key_map_renames_a_foreign_checkpoint_for_both_models(tmp_path: Path) ->
     reference = build_models(_settings(), RANDOM, 7)[APC]
     checkpoint = tmp_path / "foreign.pth"
     torch.save({f"module.trunk.{key}": value for key, value in _encoder_state(reference).items()}, checkpoint)
-    parser = argparse.ArgumentParser()
-    cli.add_arguments(parser)
+    parser = cli.build_parser()
     arguments = ["--init-weights", str(checkpoint), "--init-weights-key-map", r"^module\.=", "--init-weights-key-map"]
     args = parser.parse_args([*arguments, r"^trunk\.=", "--backbone", "resnet18", "--image-size", "64"])
     settings = cli.settings_from_arguments(args).resolved()
@@ -202,9 +200,7 @@ def test_key_map_renames_a_foreign_checkpoint_for_both_models(tmp_path: Path) ->
     [(["64"], 64, (64, 64)), (["64", "48"], (64, 48), (64, 48)), (["32", "32"], 32, (32, 32))],
 )
 def test_image_size_takes_one_or_two_values(values: list[str], size: object, shape: tuple[int, int]) -> None:
-    parser = argparse.ArgumentParser()
-    cli.add_arguments(parser)
-    settings = cli.settings_from_arguments(parser.parse_args(["--image-size", *values])).resolved()
+    settings = cli.settings_from_arguments(cli.build_parser().parse_args(["--image-size", *values])).resolved()
     assert (settings.image_size, settings.image_shape) == (size, shape)
 
 

@@ -1,29 +1,28 @@
 """The ``anomalib-apc`` console script: user errors are one line and exit status 2, anything else a traceback."""
 
-import argparse
 from pathlib import Path
 
 import pytest
 import torch
 
-from anomalib_apc.cli import main, run_command
+from anomalib_apc.cli import main
 from anomalib_apc.errors import (
     USER_ERROR_STATUS,
     InterruptedRunError,
     InvalidInputError,
     MissingInputError,
     OutputExistsError,
+    run_reporting_user_errors,
 )
 
 
-def _command_raising(error: BaseException, verbose: bool = False) -> argparse.Namespace:
-    """Parsed arguments of a command ``fake`` whose run raises ``error``."""
+def _run_command_raising(error: BaseException, verbose: bool = False) -> int:
+    """What ``anomalib-apc fake`` exits with when its run raises ``error``."""
 
-    def run(args: argparse.Namespace) -> int:
-        del args
+    def run() -> int:
         raise error
 
-    return argparse.Namespace(command="fake", verbose=verbose, run=run)
+    return run_reporting_user_errors(run, "anomalib-apc fake", verbose)
 
 
 @pytest.mark.parametrize(
@@ -42,7 +41,7 @@ def _command_raising(error: BaseException, verbose: bool = False) -> argparse.Na
     ids=lambda error: type(error).__name__,
 )
 def test_user_error_is_one_line_and_status_2(error: Exception, capsys: pytest.CaptureFixture[str]) -> None:
-    assert run_command(_command_raising(error)) == USER_ERROR_STATUS == 2
+    assert _run_command_raising(error) == USER_ERROR_STATUS == 2
     captured = capsys.readouterr()
     assert captured.err == f"anomalib-apc fake: error: {error}\n"
     assert captured.out == ""
@@ -55,14 +54,14 @@ def test_user_error_is_one_line_and_status_2(error: Exception, capsys: pytest.Ca
 )
 def test_other_errors_propagate_with_their_traceback(error: Exception, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(type(error)) as raised:
-        run_command(_command_raising(error))
+        _run_command_raising(error)
     assert raised.value is error
     assert capsys.readouterr().err == ""
 
 
 def test_verbose_prints_the_traceback_of_a_user_error_before_the_line(capsys: pytest.CaptureFixture[str]) -> None:
     error = InvalidInputError("--threads must be positive, got -1.")
-    assert run_command(_command_raising(error, verbose=True)) == 2
+    assert _run_command_raising(error, verbose=True) == 2
     lines = capsys.readouterr().err.splitlines()
     assert lines[0] == "Traceback (most recent call last):"
     assert "raise error" in "\n".join(lines)
@@ -71,10 +70,8 @@ def test_verbose_prints_the_traceback_of_a_user_error_before_the_line(capsys: py
 
 
 def test_status_of_the_command_is_the_exit_status() -> None:
-    args = argparse.Namespace(command="fake", verbose=False, run=lambda args: 1)
-    assert run_command(args) == 1
-    args.run = lambda args: None
-    assert run_command(args) == 0
+    assert run_reporting_user_errors(lambda: 1, "anomalib-apc fake", verbose=False) == 1
+    assert run_reporting_user_errors(lambda: None, "anomalib-apc fake", verbose=False) == 0
 
 
 @pytest.mark.parametrize("verbose", [False, True], ids=["quiet", "verbose"])

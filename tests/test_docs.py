@@ -96,7 +96,7 @@ def test_documented_command_parses(where: str, command: tuple[str, ...], anomali
 
         parsed = build_parser().parse_args(arguments)
         if parsed.command == "benchmark":
-            settings_from_arguments(parsed).resolved()
+            settings_from_arguments(parsed.benchmark).resolved()
     elif program == "anomalib":
         parsed = anomalib_parser.parse_args(arguments)
         assert parsed.subcommand == arguments[0], where

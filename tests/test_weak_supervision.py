@@ -1,6 +1,5 @@
 """Training anomalies known by boxes or by their label alone: reading, the datamodules, the loss, the CLI."""
 
-import argparse
 import shutil
 import subprocess
 import sys
@@ -379,8 +378,7 @@ def test_anomalib_train_on_a_folder_of_boxed_defects(tiny_dataset, tmp_path: Pat
 
 
 def test_the_benchmarks_annotation_reaches_apcs_datamodules_and_a_variants_own_wins(tiny_dataset) -> None:
-    parser = argparse.ArgumentParser()
-    benchmark_cli.add_arguments(parser)
+    parser = benchmark_cli.build_parser()
     settings = benchmark_cli.settings_from_arguments(parser.parse_args(["--annotation", "box"]))
     assert settings.training_annotation == "box"
     assert BenchmarkSettings().training_annotation == "as_given"

@@ -2,7 +2,9 @@
 
 The options are not declared here: each is a field of :class:`BenchmarkSettings`, whose metadata
 gives its flag and help, and whose default is the one both the command line and the Python API
-use. Building the parser imports nothing heavy, so ``anomalib-apc --help`` stays instant; torch,
+use. The parser is jsonargparse's, as ``anomalib train``'s: ``--config FILE.yaml`` reads settings
+(keys: the field names, as ``--print_config`` writes them) and flags after it override them.
+Building the parser imports nothing heavy, so ``anomalib-apc --help`` stays instant; torch,
 anomalib and the models are imported when the command runs.
 """
 
@@ -14,8 +16,10 @@ from collections.abc import Sequence
 from dataclasses import Field, fields
 from typing import Any
 
+from jsonargparse import ActionConfigFile, ArgumentParser
+
 from anomalib_apc.benchmark.profiles import DEMO_PROFILE, PAPER_PROFILE, Profile
-from anomalib_apc.benchmark.settings import MVTEC_LAYOUT, BenchmarkSettings
+from anomalib_apc.benchmark.settings import CONFIG_FILE, MVTEC_LAYOUT, BenchmarkSettings
 from anomalib_apc.errors import run_reporting_user_errors
 
 DESCRIPTION = "Train anomalib's Patchcore and AnomalousPatchCore on one supervised split and compare them."
@@ -36,6 +40,8 @@ defaults by dataset:
 
 examples:
   anomalib-apc benchmark
+  anomalib-apc benchmark --config results/benchmark/{CONFIG_FILE}   # the settings of an earlier run, resolved
+  anomalib-apc benchmark --dataset {MVTEC_LAYOUT} --root my_parts --print_config > my_parts.yaml
   anomalib-apc benchmark --dataset mvtecad --root datasets/MVTecAD --category pill --category screw --seeds 0 1 2
   anomalib-apc benchmark --dataset {MVTEC_LAYOUT} --root ../shared/datasets/mpdd/metal_plate --backbone resnet50 \\
       --image-size 128 --finetune-epochs 3 --no-pretrained --seeds 0 1 2 --output results/mpdd
@@ -43,14 +49,28 @@ examples:
 """
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add one option per field of :class:`BenchmarkSettings` to ``parser``.
+def build_parser(prog: str | None = None) -> ArgumentParser:
+    """The benchmark's parser: ``--config``/``--print_config`` and one option per :class:`BenchmarkSettings` field."""
+    parser = ArgumentParser(
+        prog=prog, description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--config",
+        action=ActionConfigFile,
+        help=f"YAML file of settings, keys as --print_config writes them (every run writes its own, resolved, as "
+        f"OUTPUT/{CONFIG_FILE}); options after it override it",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level, tracebacks of errors")
+    add_setting_options(parser)
+    return parser
 
-    An option left out is absent from the parsed namespace (``argparse.SUPPRESS``), so the settings
-    field keeps its own default.
+
+def add_setting_options(parser: ArgumentParser) -> None:
+    """Add one option per field of :class:`BenchmarkSettings` to ``parser``, with the field's default.
+
+    The defaults are in the parser (not left to the dataclass) so that ``--print_config`` shows every
+    setting; sequences are lists there, as YAML writes them.
     """
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.epilog = EPILOG
     groups: dict[str, Any] = {}
     for settings_field in fields(BenchmarkSettings):
         option = settings_field.metadata["cli"]
@@ -67,10 +87,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         keywords = dict(option.argparse)
         if keywords.get("action") not in ("store_true", "store_false") and "choices" not in keywords:
             keywords.setdefault("metavar", flag.removeprefix("--").upper().replace("-", "_"))
+        field_default = settings_field.default
         target.add_argument(
             flag,
             dest=settings_field.name,
-            default=argparse.SUPPRESS,
+            default=list(field_default) if isinstance(field_default, tuple) else field_default,
             help=f"{option.help} (default: {default})".replace("%", "%%"),
             **keywords,
         )
@@ -88,11 +109,7 @@ def _default_text(settings_field: Field) -> str:
 
 def settings_from_arguments(args: argparse.Namespace) -> BenchmarkSettings:
     """The benchmark settings the parsed arguments ask for (profile defaults still unresolved)."""
-    given = {
-        settings_field.name: getattr(args, settings_field.name)
-        for settings_field in fields(BenchmarkSettings)
-        if hasattr(args, settings_field.name)
-    }
+    given = {settings_field.name: getattr(args, settings_field.name) for settings_field in fields(BenchmarkSettings)}
     lists_as_tuples = {name: tuple(value) if isinstance(value, list) else value for name, value in given.items()}
     return BenchmarkSettings(**lists_as_tuples)
 
@@ -118,7 +135,7 @@ def _lower_library_loggers() -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark, writing the results after every category and seed; 1 if any run failed."""
-    quiet = not getattr(args, "verbose", False)
+    quiet = not args.verbose
     if quiet:
         _hide_library_warnings()
     from anomalib_apc.benchmark.engines import is_main_process
@@ -136,7 +153,8 @@ def run(args: argparse.Namespace) -> int:
     print()
     print(paths["markdown"].read_text())
     figures = paths["markdown"].parent / FIGURES_DIR
-    print(f"Results: {paths['markdown']}, {paths['csv']}, {paths['json']}; figures in {figures}")
+    print(f"Results: {paths['markdown']}, {paths['csv']}, {paths['json']}; figures in {figures}; the settings, "
+          f"for --config: {result.settings.output / CONFIG_FILE}")
     if result.failures:
         print(f"{len(result.failures)} run(s) failed (partial results kept):", file=sys.stderr)
         for failure in result.failures:
@@ -150,9 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Errors are reported as by ``anomalib-apc`` (:func:`~anomalib_apc.errors.run_reporting_user_errors`).
     """
-    parser = argparse.ArgumentParser(prog="python -m anomalib_apc.benchmark", description=DESCRIPTION)
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level, tracebacks of errors")
-    add_arguments(parser)
+    parser = build_parser(prog="python -m anomalib_apc.benchmark")
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"

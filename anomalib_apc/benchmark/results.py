@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from anomalib_apc.benchmark.settings import BenchmarkSettings
+from anomalib_apc.benchmark.settings import CONFIG_FILE, BenchmarkSettings
 
 
 @dataclass(frozen=True)
@@ -122,5 +122,5 @@ RUNS_DIR = "runs"
 """Each model's run folder (anomalib's ``default_root_dir``) lies under ``output/runs/<category>/seed<N>/``."""
 DEMO_DATASET_DIR = "demo_dataset"
 """Where the demo dataset is written inside the output folder when no root is given; kept across runs."""
-BENCHMARK_OUTPUTS = (*RESULT_FILES.values(), FIGURES_DIR, RUNS_DIR)
+BENCHMARK_OUTPUTS = (*RESULT_FILES.values(), CONFIG_FILE, FIGURES_DIR, RUNS_DIR)
 """Everything a benchmark writes into its output folder besides the demo dataset."""

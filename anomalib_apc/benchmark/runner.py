@@ -60,7 +60,7 @@ from anomalib_apc.benchmark.results import (
     ModelRun,
     SplitRun,
 )
-from anomalib_apc.benchmark.settings import APC, BenchmarkSettings, variant_row
+from anomalib_apc.benchmark.settings import APC, CONFIG_FILE, BenchmarkSettings, variant_row
 from anomalib_apc.benchmark.variants import Variant, select_variants
 from anomalib_apc.data import SupervisedMVTecAD
 from anomalib_apc.errors import (
@@ -115,6 +115,8 @@ def run_benchmark(
                        "time is APC's.")
     if main:
         clear_earlier_results(settings)
+        settings.output.mkdir(parents=True, exist_ok=True)
+        (settings.output / CONFIG_FILE).write_text(settings.as_config())
     result = BenchmarkResult(settings, initialisation, describe_device(settings), notices=skipped)
     jobs = [(data, seed) for data in categories for seed in settings.seeds]
     progress = tqdm(jobs, desc="Benchmark", unit="split", disable=not main)

@@ -9,13 +9,15 @@ Imports nothing heavy, so that building the parser (``anomalib-apc --help``) sta
 
 import logging
 import re
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from anomalib_apc.benchmark.profiles import DEFAULT_LAYERS, DEMO_PROFILE, PAPER_PROFILE
 from anomalib_apc.errors import InvalidInputError, check_choice
-from anomalib_apc.named_weights import NAMED_WEIGHTS, is_named_weights
+from anomalib_apc.named_weights import NAMED_WEIGHTS
 from anomalib_apc.sampling import CORESET_SAMPLERS
 
 logger = logging.getLogger(__name__)
@@ -30,6 +32,8 @@ MVTEC_LAYOUT = "mvtec-layout"
 DATASETS = ("demo", "mvtecad", MVTEC_LAYOUT)
 DEPRECATED_DATASET_NAMES = {"folder": MVTEC_LAYOUT}
 """Old ``--dataset`` names still accepted, with a notice: ``folder`` read like anomalib's ``Folder``."""
+CONFIG_FILE = "config.yaml"
+"""A run's resolved settings in its output folder, written before training: ``--config`` repeats the run."""
 
 
 @dataclass(frozen=True)
@@ -51,11 +55,6 @@ class CliOption:
     default_text: str | None = None
     exclusive: str | None = None
     argparse: dict[str, Any] = field(default_factory=dict)
-
-
-def weights_argument(value: str) -> str | Path:
-    """``--init-weights``: the name of named weights stays a name, anything else is a checkpoint path."""
-    return value if is_named_weights(value) else Path(value)
 
 
 DATA, MODELS, RUN = "data", "models (identical for every row)", "run"
@@ -172,7 +171,6 @@ class BenchmarkSettings:
             MODELS,
             default_text="craft-vgg16-bn for the demo's vgg16_bn, else none",
             exclusive="weights",
-            type=weights_argument,
             metavar="PATH|NAME",
         ),
     )
@@ -273,6 +271,10 @@ class BenchmarkSettings:
             msg = "Give at least one baseline (--baselines), e.g. Patchcore."
             raise InvalidInputError(msg)
         parse_key_map(self.init_weights_key_map)
+        if not self.pre_trained and self.init_weights is not None:
+            msg = (f"--no-pretrained (pre_trained: false) and --init-weights {self.init_weights} contradict each "
+                   "other: give one of them.")
+            raise InvalidInputError(msg)
         if self.init_weights_key_map and self.init_weights is None:
             msg = "--init-weights-key-map renames the keys of --init-weights: give --init-weights PATH too."
             raise InvalidInputError(msg)
@@ -318,6 +320,19 @@ class BenchmarkSettings:
     def as_record(self) -> dict[str, Any]:
         """JSON-friendly copy (paths as strings)."""
         return {key: str(value) if isinstance(value, Path) else value for key, value in asdict(self).items()}
+
+    def as_config(self) -> str:
+        """These settings as a ``--config`` file (YAML; keys the field names), ``overwrite`` left off.
+
+        ``overwrite`` is not carried over: repeating a run into the folder that holds its results should
+        ask, not delete them.
+        """
+        record = replace(self, overwrite=False).as_record()
+        for settings_field in fields(self):
+            value = record[settings_field.name]
+            if isinstance(value, tuple) or ("nargs" in settings_field.metadata["cli"].argparse and value is not None):
+                record[settings_field.name] = list(value) if isinstance(value, tuple) else [value]  # 256 -> [256]
+        return yaml.safe_dump(record, sort_keys=False)
 
 
 def variant_row(name: str) -> str:
