@@ -1,10 +1,13 @@
 """The supervised split: which anomalies move to training, what batches hold, and bad input."""
 
+import inspect
 import json
 import logging
 from collections import Counter
+from dataclasses import fields
 from pathlib import Path
 
+import docstring_parser
 import pytest
 from anomalib.data import AnomalibDataModule, MVTecAD
 from jsonargparse import ArgumentParser
@@ -14,6 +17,7 @@ from PIL import Image
 from anomalib_apc.data import SPLIT_FILE_NAME, SupervisedFolder, SupervisedMVTecAD, select_anomalies
 from anomalib_apc.data.sampler import TrainDrawSampler
 from anomalib_apc.data.split import defect_type_of
+from anomalib_apc.data.split_arguments import SHARED_ARGUMENTS_MARKER, SPLIT_DEFAULTS, SplitArguments
 from anomalib_apc.errors import InvalidInputError, MissingInputError
 
 
@@ -190,6 +194,34 @@ def test_cli_parser_reaches_every_knob_by_short_class_name(tiny_dataset) -> None
     assert (datamodule.num_anomalies, datamodule.balanced_sampling, datamodule.cutpaste_probability) == (4, False, 0.25)
     assert not datamodule.basic_augmentations
     assert datamodule.seed == 7
+
+
+@pytest.mark.parametrize("datamodule", [SupervisedFolder, SupervisedMVTecAD])
+def test_both_datamodules_show_the_split_arguments_declared_once(datamodule: type) -> None:
+    """anomalib's CLI reads each signature and docstring: every split argument is there, default and help."""
+    parameters = inspect.signature(datamodule).parameters
+    documented = {param.arg_name: param.description for param in docstring_parser.parse(datamodule.__doc__).params}
+    for split_field in fields(SplitArguments):
+        assert parameters[split_field.name].default == getattr(SPLIT_DEFAULTS, split_field.name), split_field.name
+        assert documented[split_field.name], split_field.name
+    assert documented["cutpaste_brightness"] == "Brightness jitter of pasted defects."
+    assert SHARED_ARGUMENTS_MARKER not in datamodule.__doc__
+
+
+@pytest.mark.parametrize(
+    ("argument", "value", "message"),
+    [("num_anomalies", -1, "num_anomalies must be 0 or more, got -1"),
+     ("cutpaste_probability", 1.5, r"cutpaste_probability must lie in \[0, 1\], got 1.5"),
+     ("training_annotation", "boxes", "training_annotation must be one of")],
+)
+def test_a_bad_split_argument_is_named_when_the_datamodule_is_built(
+    tmp_path: Path, argument: str, value: object, message: str
+) -> None:
+    """Before anything is read: the root does not even exist."""
+    with pytest.raises(InvalidInputError, match=message):
+        SupervisedMVTecAD(root=tmp_path / "absent", category="tiny", **{argument: value})
+    with pytest.raises(InvalidInputError, match=message):
+        SupervisedFolder(name="x", normal_dir=tmp_path / "absent", **{argument: value})
 
 
 # Bad input.

@@ -5,6 +5,7 @@ Layout, one job per module:
 - :mod:`.mvtecad` (:class:`SupervisedMVTecAD`) and :mod:`.folder` (:class:`SupervisedFolder`): the
   datamodules, one per folder layout;
 - :mod:`.split`: which anomalies move from test to training, and the batches that follow;
+  :mod:`.split_arguments`: the split's arguments, declared once for both datamodules;
 - :mod:`.sampler`: the balanced training draws; :mod:`.train_dataset`: the training set with CutPaste;
   :mod:`.basic_augmentation`: the paper's basic augmentations of every training draw, image and mask alike;
   :mod:`.seeded_kornia`: kornia's random draws made from a sample's own generator;

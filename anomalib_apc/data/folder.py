@@ -21,11 +21,13 @@ from anomalib_apc.data.image_dataset import ImageFileDataset
 from anomalib_apc.data.image_files import IMAGE_SUFFIXES, list_image_files
 from anomalib_apc.data.pairing import pair_masks
 from anomalib_apc.data.split import SupervisedSplitMixin
+from anomalib_apc.data.split_arguments import SPLIT_DEFAULTS, SplitArguments, documents_split_arguments
 from anomalib_apc.errors import MissingInputError
 
 Folders = str | Path | Sequence[str | Path]
 
 
+@documents_split_arguments
 class SupervisedFolder(SupervisedSplitMixin, Folder):
     """Folder datamodule with ``num_anomalies`` anomalies of ``abnormal_dir`` moved to training.
 
@@ -47,22 +49,11 @@ class SupervisedFolder(SupervisedSplitMixin, Folder):
         mask_dir: Masks of the anomalous images, named like them (see above).
         num_anomalies: Anomalous images moved from test to train, evenly over defect types; 0 gives
             anomalib's one-class ``Folder``.
-        balanced_sampling: Draw normal and anomalous training images equally often.
-        cutpaste_probability: Probability that an anomalous training draw is replaced by a CutPaste anomaly.
-        cutpaste_brightness: Brightness jitter of pasted defects.
-        cutpaste_saturation: Saturation jitter of pasted defects.
-        cutpaste_rotation_degrees: Largest rotation of pasted defects (they are also flipped at random).
-        basic_augmentations: Flip, warp slightly (rotation, shift, zoom) and colour-jitter every
-            fine-tuning sample, real or CutPaste, image and mask alike (the paper's basic augmentations);
-            never the memory bank's images, validation or test. With ``cutpaste_probability=0`` the
-            fine-tuning sees these augmentations only, as in the paper's "without CutPaste" ablation.
+        {shared split arguments}
         boxes: Where defect boxes are for anomalous images without a mask (relative to ``root``): a folder
             of YOLO ``.txt`` files mirroring ``abnormal_dir`` (``boxes/dent/x.txt`` for ``bad/dent/x.png``
             with ``abnormal_dir=bad``) or a CSV file (``image,x0,y0,x1,y1`` in pixels); ``None``: YOLO
             files beside the images, if any.
-        training_annotation: ``"as_given"`` trains on each anomaly's finest annotation; ``"box"`` and
-            ``"label"`` reduce the training anomalies' masks to boxes or to nothing (to measure what
-            cheaper annotation costs; the test set keeps its masks).
         extensions: Suffixes of the image files (any letter case); default ``IMAGE_SUFFIXES``.
         num_workers: Dataloader worker processes, and the threads that decode every file once at set-up.
         seed: Seed of the anomaly choice, the sampler, CutPaste and anomalib's own splits.
@@ -78,15 +69,15 @@ class SupervisedFolder(SupervisedSplitMixin, Folder):
         abnormal_dir: Folders | None = None,
         normal_test_dir: Folders | None = None,
         mask_dir: Folders | None = None,
-        num_anomalies: int = 10,
-        balanced_sampling: bool = True,
-        cutpaste_probability: float = 0.5,
-        cutpaste_brightness: float = 0.2,
-        cutpaste_saturation: float = 0.5,
-        cutpaste_rotation_degrees: float = 90.0,
-        basic_augmentations: bool = True,
-        boxes: str | Path | None = None,
-        training_annotation: TrainingAnnotation = "as_given",
+        num_anomalies: int = SPLIT_DEFAULTS.num_anomalies,
+        balanced_sampling: bool = SPLIT_DEFAULTS.balanced_sampling,
+        cutpaste_probability: float = SPLIT_DEFAULTS.cutpaste_probability,
+        cutpaste_brightness: float = SPLIT_DEFAULTS.cutpaste_brightness,
+        cutpaste_saturation: float = SPLIT_DEFAULTS.cutpaste_saturation,
+        cutpaste_rotation_degrees: float = SPLIT_DEFAULTS.cutpaste_rotation_degrees,
+        basic_augmentations: bool = SPLIT_DEFAULTS.basic_augmentations,
+        boxes: str | Path | None = SPLIT_DEFAULTS.boxes,
+        training_annotation: TrainingAnnotation = SPLIT_DEFAULTS.training_annotation,
         normal_split_ratio: float = 0.2,
         extensions: tuple[str, ...] | None = None,
         train_batch_size: int = 32,
@@ -102,6 +93,7 @@ class SupervisedFolder(SupervisedSplitMixin, Folder):
         val_split_ratio: float = 0.5,
         seed: int = 0,
     ) -> None:
+        split_arguments = SplitArguments.of(locals())
         super().__init__(
             name=name,
             normal_dir=normal_dir,
@@ -124,17 +116,7 @@ class SupervisedFolder(SupervisedSplitMixin, Folder):
             val_split_ratio=val_split_ratio,
             seed=seed,
         )
-        self._init_supervised_split(
-            num_anomalies=num_anomalies,
-            balanced_sampling=balanced_sampling,
-            cutpaste_probability=cutpaste_probability,
-            cutpaste_brightness=cutpaste_brightness,
-            cutpaste_saturation=cutpaste_saturation,
-            cutpaste_rotation_degrees=cutpaste_rotation_degrees,
-            basic_augmentations=basic_augmentations,
-            training_annotation=training_annotation,
-        )
-        self.boxes = boxes
+        self._init_supervised_split(split_arguments)
 
     def _read_datasets(self) -> tuple[ImageFileDataset, ImageFileDataset]:
         suffixes = self.extensions or IMAGE_SUFFIXES

@@ -22,6 +22,7 @@ from anomalib_apc.data.image_dataset import ImageFileDataset
 from anomalib_apc.data.image_files import IMAGE_SUFFIXES, list_image_files
 from anomalib_apc.data.pairing import pair_masks
 from anomalib_apc.data.split import SupervisedSplitMixin
+from anomalib_apc.data.split_arguments import SPLIT_DEFAULTS, SplitArguments, documents_split_arguments
 from anomalib_apc.errors import MissingInputError
 
 NORMAL_LABEL = "good"
@@ -81,6 +82,7 @@ def _optional_str(path: Path | None) -> str | None:
     return None if path is None else str(path)
 
 
+@documents_split_arguments
 class SupervisedMVTecAD(SupervisedSplitMixin, MVTecAD):
     """MVTec AD layout datamodule with ``num_anomalies`` test anomalies moved to training.
 
@@ -90,22 +92,11 @@ class SupervisedMVTecAD(SupervisedSplitMixin, MVTecAD):
             images may be ``.png``, ``.jpg``, ``.jpeg``, ``.bmp``, ``.tif``, ``.tiff`` or ``.webp``.
         num_anomalies: Anomalous images (with masks) moved from test to train, evenly over defect types;
             0 gives anomalib's one-class ``MVTecAD``.
-        balanced_sampling: Draw normal and anomalous training images equally often.
-        cutpaste_probability: Probability that an anomalous training draw is replaced by a CutPaste anomaly.
-        cutpaste_brightness: Brightness jitter of pasted defects.
-        cutpaste_saturation: Saturation jitter of pasted defects.
-        cutpaste_rotation_degrees: Largest rotation of pasted defects (they are also flipped at random).
-        basic_augmentations: Flip, warp slightly (rotation, shift, zoom) and colour-jitter every
-            fine-tuning sample, real or CutPaste, image and mask alike (the paper's basic augmentations);
-            never the memory bank's images, validation or test. With ``cutpaste_probability=0`` the
-            fine-tuning sees these augmentations only, as in the paper's "without CutPaste" ablation.
+        {shared split arguments}
         boxes: Where defect boxes are for anomalous images without a mask: a folder mirroring ``test/``
             (``boxes/<defect type>/x.txt``, YOLO) or a CSV file (``image,x0,y0,x1,y1`` in pixels);
             ``None``: YOLO files beside the images (``test/<defect type>/x.txt``), if any. An anomalous
             image with neither mask nor box is known by its label alone (only when no image has a mask).
-        training_annotation: ``"as_given"`` trains on each anomaly's finest annotation; ``"box"`` and
-            ``"label"`` reduce the training anomalies' masks to boxes or to nothing, to measure what
-            cheaper annotation costs (the test set keeps its masks).
         num_workers: Dataloader worker processes, and the threads that decode every file once at set-up.
         seed: Seed of the anomaly choice, the sampler, CutPaste and anomalib's own splits.
 
@@ -122,15 +113,15 @@ class SupervisedMVTecAD(SupervisedSplitMixin, MVTecAD):
         self,
         root: Path | str | None = "./datasets/MVTecAD",
         category: str = "bottle",
-        num_anomalies: int = 10,
-        balanced_sampling: bool = True,
-        cutpaste_probability: float = 0.5,
-        cutpaste_brightness: float = 0.2,
-        cutpaste_saturation: float = 0.5,
-        cutpaste_rotation_degrees: float = 90.0,
-        basic_augmentations: bool = True,
-        boxes: str | Path | None = None,
-        training_annotation: TrainingAnnotation = "as_given",
+        num_anomalies: int = SPLIT_DEFAULTS.num_anomalies,
+        balanced_sampling: bool = SPLIT_DEFAULTS.balanced_sampling,
+        cutpaste_probability: float = SPLIT_DEFAULTS.cutpaste_probability,
+        cutpaste_brightness: float = SPLIT_DEFAULTS.cutpaste_brightness,
+        cutpaste_saturation: float = SPLIT_DEFAULTS.cutpaste_saturation,
+        cutpaste_rotation_degrees: float = SPLIT_DEFAULTS.cutpaste_rotation_degrees,
+        basic_augmentations: bool = SPLIT_DEFAULTS.basic_augmentations,
+        boxes: str | Path | None = SPLIT_DEFAULTS.boxes,
+        training_annotation: TrainingAnnotation = SPLIT_DEFAULTS.training_annotation,
         train_batch_size: int = 32,
         eval_batch_size: int = 32,
         num_workers: int = 8,
@@ -144,6 +135,7 @@ class SupervisedMVTecAD(SupervisedSplitMixin, MVTecAD):
         val_split_ratio: float = 0.5,
         seed: int = 0,
     ) -> None:
+        split_arguments = SplitArguments.of(locals())
         super().__init__(
             root=root,
             category=category,
@@ -160,17 +152,7 @@ class SupervisedMVTecAD(SupervisedSplitMixin, MVTecAD):
             val_split_ratio=val_split_ratio,
             seed=seed,
         )
-        self._init_supervised_split(
-            num_anomalies=num_anomalies,
-            balanced_sampling=balanced_sampling,
-            cutpaste_probability=cutpaste_probability,
-            cutpaste_brightness=cutpaste_brightness,
-            cutpaste_saturation=cutpaste_saturation,
-            cutpaste_rotation_degrees=cutpaste_rotation_degrees,
-            basic_augmentations=basic_augmentations,
-            training_annotation=training_annotation,
-        )
-        self.boxes = boxes
+        self._init_supervised_split(split_arguments)
 
     def prepare_data(self) -> None:
         """Download MVTec AD only for one of its own categories; otherwise name the missing folder.

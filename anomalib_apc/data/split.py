@@ -37,8 +37,6 @@ from torch.utils.data import DataLoader
 from anomalib_apc.contracts import Annotation, AnomalyTrainee, trains_on_anomalous_images
 from anomalib_apc.data.annotated_batch import AnnotatedImageBatch
 from anomalib_apc.data.annotations import (
-    TRAINING_ANNOTATIONS,
-    TrainingAnnotation,
     annotation_counts,
     describe_counts,
     evaluation_task,
@@ -48,10 +46,11 @@ from anomalib_apc.data.basic_augmentation import BasicAugmentation
 from anomalib_apc.data.cutpaste import CutPaste
 from anomalib_apc.data.image_dataset import ImageFileDataset
 from anomalib_apc.data.sampler import ContiguousShardSampler, TrainDrawSampler
+from anomalib_apc.data.split_arguments import SplitArguments
 from anomalib_apc.data.train_dataset import SupervisedTrainDataset, cutpaste_source_indices
 from anomalib_apc.data.training_view import attached_model
 from anomalib_apc.data.validation import check_image_files
-from anomalib_apc.errors import InvalidInputError, check_choice
+from anomalib_apc.errors import InvalidInputError
 
 logger = logging.getLogger(__name__)
 
@@ -120,31 +119,16 @@ class SupervisedSplitMixin:
     num_workers: int
     external_collate_fn: Any
 
-    def _init_supervised_split(
-        self,
-        *,
-        num_anomalies: int,
-        balanced_sampling: bool,
-        cutpaste_probability: float,
-        cutpaste_brightness: float,
-        cutpaste_saturation: float,
-        cutpaste_rotation_degrees: float,
-        basic_augmentations: bool,
-        training_annotation: TrainingAnnotation,
-    ) -> None:
-        if num_anomalies < 0:
-            msg = f"num_anomalies must be 0 or more, got {num_anomalies}."
-            raise InvalidInputError(msg)
-        if not 0.0 <= cutpaste_probability <= 1.0:
-            msg = f"cutpaste_probability must lie in [0, 1], got {cutpaste_probability}."
-            raise InvalidInputError(msg)
-        self.num_anomalies = num_anomalies
-        self.balanced_sampling = balanced_sampling
-        self.cutpaste_probability = cutpaste_probability
-        self.cutpaste = CutPaste(cutpaste_brightness, cutpaste_saturation, cutpaste_rotation_degrees)
-        self.basic_augmentations = basic_augmentations
-        check_choice("training_annotation", training_annotation, TRAINING_ANNOTATIONS)
-        self.training_annotation = training_annotation
+    def _init_supervised_split(self, arguments: SplitArguments) -> None:
+        self.num_anomalies = arguments.num_anomalies
+        self.balanced_sampling = arguments.balanced_sampling
+        self.cutpaste_probability = arguments.cutpaste_probability
+        self.cutpaste = CutPaste(
+            arguments.cutpaste_brightness, arguments.cutpaste_saturation, arguments.cutpaste_rotation_degrees
+        )
+        self.basic_augmentations = arguments.basic_augmentations
+        self.boxes = arguments.boxes
+        self.training_annotation = arguments.training_annotation
         self._training_anomalies: pd.DataFrame | None = None
 
     def _read_datasets(self) -> tuple[ImageFileDataset, ImageFileDataset]:
