@@ -189,3 +189,14 @@ def test_training_without_the_initial_weights_stops_with_the_reason(demo_root: P
     absent = tmp_path / "mocov3.pth.tar"
     with pytest.raises(FileNotFoundError, match=r"init_weights file not found: .*mocov3\.pth\.tar"):
         _engine(tmp_path).fit(model=_model(init_weights=absent), datamodule=_datamodule(demo_root))
+
+
+def test_a_training_batch_without_labels_is_refused_with_the_fix() -> None:
+    from anomalib.data import ImageBatch
+
+    from anomalib_apc.models.apc.checks import training_labels
+
+    labels = training_labels(ImageBatch(image=torch.zeros(2, 3, 8, 8), gt_label=torch.tensor([0, 1])))
+    assert labels.tolist() == [False, True]
+    with pytest.raises(InvalidInputError, match=r"needs image labels \(gt_label\).*supervised datamodule"):
+        training_labels(ImageBatch(image=torch.zeros(2, 3, 8, 8)))

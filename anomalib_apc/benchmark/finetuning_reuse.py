@@ -22,7 +22,7 @@ from anomalib_apc.benchmark.variants import Variant
 from anomalib_apc.data import SupervisedMVTecAD
 from anomalib_apc.errors import InvalidInputError
 from anomalib_apc.models import AnomalousPatchCore
-from anomalib_apc.models.apc.arguments import POST_FINETUNING_ARGUMENTS
+from anomalib_apc.models.apc.checks import POST_FINETUNING_ARGUMENTS
 from anomalib_apc.models.apc.normal_images import normal_training_dataloader
 
 

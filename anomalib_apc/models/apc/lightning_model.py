@@ -45,8 +45,15 @@ from anomalib_apc.contracts import annotations_of
 from anomalib_apc.errors import InvalidInputError
 from anomalib_apc.sampling import DEFAULT_CHUNK_ROWS, CoresetSampler, PatchStorage
 
-from .arguments import FineTuneScope, check_training_arguments
 from .batchnorm import adapt_batchnorm_statistics
+from .checks import (
+    NO_ANOMALIES_MESSAGE,
+    NOT_FITTED_MESSAGE,
+    FineTuneScope,
+    check_training_arguments,
+    check_training_masks,
+    training_labels,
+)
 from .decoder import DecoderType
 from .distributed import step_without_update
 from .finetuning_checkpoint import FineTuningCheckpoint, keep_the_trained_model
@@ -57,7 +64,6 @@ from .network import build_network
 from .normal_images import normal_training_dataloader, training_anomaly_count
 from .precision import FineTunePrecision, finetune_autocast, full_precision, resolve_finetune_precision
 from .torch_model import TASKS
-from .training_checks import NO_ANOMALIES_MESSAGE, NOT_FITTED_MESSAGE, check_training_masks
 
 logger = logging.getLogger(__name__)
 
@@ -279,10 +285,7 @@ class AnomalousPatchCore(MemoryBankMixin, AnomalibModule):
         del args, kwargs
         if not self.fine_tunes:
             return step_without_update(self.device)
-        labels = batch.gt_label
-        if labels is None:
-            msg = "AnomalousPatchCore needs image labels (gt_label) in training batches; use a supervised datamodule."
-            raise InvalidInputError(msg)
+        labels = training_labels(batch)
         anomalous = labels.bool()
         self._anomalous_samples_seen += int(anomalous.sum())
         if self.finetune_scope == "batchnorm_statistics":
