@@ -10,7 +10,9 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 from jsonargparse import ArgumentParser
 
@@ -18,34 +20,49 @@ from anomalib_apc import __version__
 from anomalib_apc.errors import run_reporting_user_errors
 
 
-def build_parser() -> ArgumentParser:
-    """The parser with one subcommand per command (jsonargparse, as anomalib's), each defined by its package."""
-    from anomalib_apc.benchmark.cli import build_parser as build_benchmark_parser
-    from anomalib_apc.deploy.cli import add_export_bundle_arguments, add_predict_arguments
+class Command(NamedTuple):
+    """One subcommand: its help line, its parser and the function that runs it with the parsed arguments."""
 
+    help: str
+    parser: Callable[[], ArgumentParser]
+    run: Callable[[argparse.Namespace], int]
+
+
+def commands() -> dict[str, Command]:
+    """Every subcommand, each defined by the package that runs it (imported here, when the CLI is used)."""
+    from anomalib_apc.benchmark import cli as benchmark
+    from anomalib_apc.deploy import cli as deploy
+
+    return {
+        "benchmark": Command("train Patchcore and APC on one split and compare them", benchmark.build_parser,
+                             benchmark.run),
+        "export-bundle": Command("export a trained APC checkpoint as a deployment bundle",
+                                 partial(_parser, deploy.add_export_bundle_arguments), deploy.run_export_bundle),
+        "predict": Command("score images with a deployment bundle", partial(_parser, deploy.add_predict_arguments),
+                           deploy.run_predict),
+        "weights": Command("fetch named pretrained encoder weights into the cache (or a file)",
+                           partial(_parser, add_weights_arguments), run_weights),
+    }
+
+
+def _parser(add_arguments: Callable[[ArgumentParser], None]) -> ArgumentParser:
+    parser = ArgumentParser()
+    add_arguments(parser)
+    return parser
+
+
+def build_parser() -> ArgumentParser:
+    """The parser with one subcommand per command (jsonargparse subcommands, as anomalib's)."""
     parser = ArgumentParser(prog="anomalib-apc", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="log at INFO level, and print the traceback of a user error")
-    commands = parser.add_subcommands(dest="command", required=True)
-    commands.add_subcommand("benchmark", build_benchmark_parser(), help=COMMAND_HELP["benchmark"])
-    for name, add_arguments in (
-        ("export-bundle", add_export_bundle_arguments),
-        ("predict", add_predict_arguments),
-        ("weights", add_weights_arguments),
-    ):
-        command = ArgumentParser(description=COMMAND_HELP[name])
-        add_arguments(command)
-        commands.add_subcommand(name, command, help=COMMAND_HELP[name])
+    subcommands = parser.add_subcommands(dest="command", required=True)
+    for name, command in commands().items():
+        subparser = command.parser()
+        subparser.description = subparser.description or command.help
+        subcommands.add_subcommand(name, subparser, help=command.help)
     return parser
-
-
-COMMAND_HELP = {
-    "benchmark": "train Patchcore and APC on one split and compare them",
-    "export-bundle": "export a trained APC checkpoint as a deployment bundle",
-    "predict": "score images with a deployment bundle",
-    "weights": "fetch named pretrained encoder weights into the cache (or a file)",
-}
 
 
 def add_weights_arguments(parser: argparse.ArgumentParser) -> None:
@@ -70,22 +87,10 @@ def run_weights(args: argparse.Namespace) -> int:
     return 0
 
 
-def command_runner(name: str) -> Callable[[argparse.Namespace], int]:
-    """The function that runs command ``name`` with its parsed arguments (imported only when it runs)."""
-    if name == "benchmark":
-        from anomalib_apc.benchmark.cli import run as run_benchmark
-
-        return run_benchmark
-    if name == "weights":
-        return run_weights
-    from anomalib_apc.deploy.cli import run_export_bundle, run_predict
-
-    return {"export-bundle": run_export_bundle, "predict": run_predict}[name]
-
-
 def run_command(name: str, args: argparse.Namespace, verbose: bool) -> int:
     """Runs command ``name`` with its parsed ``args`` under the project's error policy; its exit status."""
-    return run_reporting_user_errors(lambda: command_runner(name)(args), f"anomalib-apc {name}", verbose)
+    run = commands()[name].run
+    return run_reporting_user_errors(lambda: run(args), f"anomalib-apc {name}", verbose)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -8,7 +8,8 @@ tests them (on one device, or APC with Lightning's DDP for ``--devices N``), ``f
 rows from APC's fine-tuning, ``meter`` times them (a Lightning callback) and ``metrics`` scores them;
 ``results`` holds the records, ``runner`` orchestrates, ``allocator`` keeps anomalib's coreset sampler's
 memory bounded; ``report``, ``verdict`` and ``figures`` write the tables, the verdict and the figures;
-``cli`` is the ``anomalib-apc benchmark`` command. Run it from Python with::
+``cli`` is the ``anomalib-apc benchmark`` command (jsonargparse: ``--config``, ``--print_config``). Run it from
+Python with::
 
     from anomalib_apc.benchmark.report import write_report
     from anomalib_apc.benchmark.runner import run_benchmark
