@@ -2,7 +2,7 @@
 
 ``BenchmarkSettings`` is what the Python API takes; ``anomalib_apc.benchmark.cli`` builds the
 ``anomalib-apc benchmark`` parser from the same fields (each field's metadata holds its
-:class:`CliOption`), so a default or a help text cannot differ between the two.
+:class:`.cli_option.CliOption`), so a default or a help text cannot differ between the two.
 
 Imports nothing heavy, so that building the parser (``anomalib-apc --help``) stays instant.
 """
@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from anomalib_apc.benchmark.cli_option import DATA, MODELS, RUN, cli
 from anomalib_apc.benchmark.profiles import DEFAULT_LAYERS, DEMO_PROFILE, PAPER_PROFILE
 from anomalib_apc.errors import InvalidInputError, check_choice
 from anomalib_apc.named_weights import NAMED_WEIGHTS
@@ -34,40 +35,6 @@ DEPRECATED_DATASET_NAMES = {"folder": MVTEC_LAYOUT}
 """Old ``--dataset`` names still accepted, with a notice: ``folder`` read like anomalib's ``Folder``."""
 CONFIG_FILE = "config.yaml"
 """A run's resolved settings in its output folder, written before training: ``--config`` repeats the run."""
-
-
-@dataclass(frozen=True)
-class CliOption:
-    """How one settings field appears on the command line.
-
-    Attributes:
-        help: Help text, without the default (the parser appends the field's default).
-        group: Title of the option group.
-        flag: The option string; ``None`` derives it from the field name (``num_workers`` -> ``--num-workers``).
-        default_text: What the help shows as the default instead of the field's value.
-        exclusive: Name of a mutually exclusive group the option belongs to.
-        argparse: Further ``add_argument`` keywords (``type``, ``nargs``, ``action``, ``choices``, ``metavar``).
-    """
-
-    help: str
-    group: str
-    flag: str | None = None
-    default_text: str | None = None
-    exclusive: str | None = None
-    argparse: dict[str, Any] = field(default_factory=dict)
-
-
-DATA, MODELS, RUN = "data", "models (identical for every row)", "run"
-
-
-def cli(help: str, group: str, **keywords: Any) -> dict[str, CliOption]:
-    """A settings field's ``metadata``: its command-line option, with ``help`` and :class:`CliOption`'s ``keywords``.
-
-    Keywords that are not :class:`CliOption` attributes go to ``argparse``'s ``add_argument``.
-    """
-    own = {"flag", "default_text", "exclusive"}
-    option = CliOption(help, group, **{key: keywords.pop(key) for key in own & keywords.keys()}, argparse=keywords)
-    return {"cli": option}
 
 
 @dataclass(frozen=True)
