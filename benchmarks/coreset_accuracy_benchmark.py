@@ -28,12 +28,14 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch import seed_everything
+from measurements import add_json_option, write_json
 
 from anomalib_apc.benchmark.data import CategoryData, make_datamodule
 from anomalib_apc.benchmark.engines import engine, fit_and_test
 from anomalib_apc.benchmark.finetuning_reuse import derive_from_apc
 from anomalib_apc.benchmark.meter import RunMeter
 from anomalib_apc.benchmark.models import build_models, resolve_initialisation
+from anomalib_apc.benchmark.rows import plan_rows
 from anomalib_apc.benchmark.settings import APC, PATCHCORE, BenchmarkSettings
 from anomalib_apc.models import AnomalousPatchCore
 from anomalib_apc.models.apc.normal_images import normal_training_dataloader
@@ -60,9 +62,10 @@ def run_split(settings: BenchmarkSettings, data: CategoryData, seed: int, radius
     initialisation = resolve_initialisation(settings)
     chunked_settings = replace(settings, coreset_sampler="chunked")
     seed_everything(seed, workers=True)
-    exact_models = build_models(settings, initialisation, seed)
+    rows = plan_rows(settings)
+    exact_models = build_models(rows, settings, initialisation, seed)
     exact_models[PATCHCORE].fast_coreset = True  # anomalib's indices, several times faster
-    chunked_models = build_models(chunked_settings, initialisation, seed)
+    chunked_models = build_models(rows, chunked_settings, initialisation, seed)
     rows: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as scratch:
         for label, models in (("exact", exact_models), ("chunked", chunked_models)):
@@ -90,19 +93,22 @@ def run_split(settings: BenchmarkSettings, data: CategoryData, seed: int, radius
     return rows
 
 
-def summarise(category: str, runs: Sequence[dict[str, dict]]) -> None:
-    """Mean ± std per row and the paired differences chunked - exact, per metric."""
+def summarise(category: str, runs: Sequence[dict[str, dict]]) -> dict[str, dict]:
+    """Print mean ± std per row and the paired differences chunked - exact, per metric; return the differences."""
     print(f"\n### {category} ({len(runs)} seeds)\n")
     print("| row | " + " | ".join(METRICS) + " | phase 2 s |")
     print("|---|" + "---|" * (len(METRICS) + 1))
     for row in runs[0]:
         cells = [_mean_std([run[row][key] for run in runs]) for key in (*METRICS, "phase 2 s")]
         print(f"| {row} | " + " | ".join(cells) + " |")
+    paired = {}
     for name in (PATCHCORE, APC):
-        differences = [
-            _mean_std([run[f"{name} (chunked)"][key] - run[f"{name} (exact)"][key] for run in runs]) for key in METRICS
-        ]
+        paired[name] = {
+            key: [run[f"{name} (chunked)"][key] - run[f"{name} (exact)"][key] for run in runs] for key in METRICS
+        }
+        differences = [_mean_std(values) for values in paired[name].values()]
         print(f"| {name}: chunked - exact (paired) | " + " | ".join(differences) + " | |")
+    return paired
 
 
 def _mean_std(values: Sequence[float]) -> str:
@@ -120,7 +126,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--epochs", type=int, default=3, help="APC's fine-tuning epochs")
     parser.add_argument("--coreset-sampling-ratio", type=float, default=0.1)
+    add_json_option(parser)
     args = parser.parse_args(argv)
+    measured = {}
     for folder in args.folders:
         settings = BenchmarkSettings(
             dataset="mvtec-layout", root=folder, backbone=args.backbone, layers=tuple(args.layers),
@@ -129,7 +137,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         ).resolved()
         data = CategoryData(folder.resolve().parent, folder.name)
         runs = [run_split(settings, data, seed, radius=seed == args.seeds[0]) for seed in args.seeds]
-        summarise(folder.name, runs)
+        measured[folder.name] = {"seeds": args.seeds, "runs": runs, "chunked_minus_exact": summarise(folder.name, runs)}
+    write_json(args.json, measured)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from anomalib_apc.benchmark.report import (
     summarise,
 )
 from anomalib_apc.benchmark.results import BenchmarkResult, Initialisation, ModelRun, SplitRun
+from anomalib_apc.benchmark.rows import plan_rows
 from anomalib_apc.benchmark.runner import describe_split_mismatch
 from anomalib_apc.benchmark.settings import APC, CONFIG_FILE, PATCHCORE, PATCHCORE_FAST_CORESET, BenchmarkSettings
 from anomalib_apc.benchmark.verdict import verdict_lines
@@ -185,7 +186,7 @@ def test_summary_gives_mean_and_spread_over_seeds_and_pairs_apc_with_patchcore(t
         for seed in (0, 1)
     ]
     splits[-1].runs[-1].metrics["image_AUROC"] = 0.96
-    result = BenchmarkResult(settings, Initialisation(False, None, "random"), "cpu", splits)
+    result = BenchmarkResult(settings, plan_rows(settings), Initialisation(False, None, "random"), "cpu", splits)
     rows = {(row.model, row.category): row for row in summarise(result)}
     assert rows[APC, "b"].mean["image_AUROC"] == pytest.approx(0.95)
     assert rows[APC, "b"].std["image_AUROC"] == pytest.approx(0.01 * math.sqrt(2))
@@ -198,7 +199,7 @@ def test_summary_gives_mean_and_spread_over_seeds_and_pairs_apc_with_patchcore(t
 
 def test_models_start_from_identical_weights() -> None:
     settings = BenchmarkSettings(backbone="resnet18", image_size=64, finetune_epochs=1, pre_trained=False).resolved()
-    models = build_models(settings, resolve_initialisation(settings), seed=3)
+    models = build_models(plan_rows(settings), settings, resolve_initialisation(settings), seed=3)
     images = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
         apc_features = models[APC].model.feature_extractor.eval()(images)
@@ -213,7 +214,8 @@ def test_each_seed_draws_its_own_initial_weights() -> None:
     initialisation = resolve_initialisation(settings)
 
     def first_conv(seed: int) -> torch.Tensor:
-        return next(build_models(settings, initialisation, seed=seed)[APC].model.feature_extractor.parameters())
+        apc = build_models(plan_rows(settings), settings, initialisation, seed=seed)[APC]
+        return next(apc.model.feature_extractor.parameters())
 
     torch.testing.assert_close(first_conv(1), first_conv(1))
     assert not torch.equal(first_conv(1), first_conv(2))
@@ -221,7 +223,7 @@ def test_each_seed_draws_its_own_initial_weights() -> None:
 
 def test_warm_up_leaves_the_encoder_as_it_was() -> None:
     settings = BenchmarkSettings(backbone="resnet18", image_size=32, eval_batch_size=2, pre_trained=False).resolved()
-    apc = build_models(settings, resolve_initialisation(settings), seed=0)[APC]
+    apc = build_models(plan_rows(settings), settings, resolve_initialisation(settings), seed=0)[APC]
     state = {name: tensor.clone() for name, tensor in apc.state_dict().items()}
     modes = [module.training for module in apc.modules()]
     warm_up(apc, settings)
@@ -313,7 +315,7 @@ def _two_model_result(tmp_path: Path, apc_minus_patchcore: dict[int, tuple[float
         apc = base | {"image_AUROC": 0.9 + image, "pixel_AUROC": 0.9 + pixel, "pixel_AUPRO": 0.7 + pixel}
         runs = [ModelRun(PATCHCORE, "part", seed, dict(base)), ModelRun(APC, "part", seed, apc)]
         splits.append(SplitRun("part", seed, runs))
-    return BenchmarkResult(settings, Initialisation(False, None, "random"), "cpu", splits)
+    return BenchmarkResult(settings, plan_rows(settings), Initialisation(False, None, "random"), "cpu", splits)
 
 
 def test_verdict_names_the_better_model_per_level_and_judges_the_difference_against_the_seed_spread(

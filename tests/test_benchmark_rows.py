@@ -17,7 +17,8 @@ from anomalib_apc.benchmark.metrics import make_evaluator, unit_interval
 from anomalib_apc.benchmark.models import build_models, check_variant_arguments, resolve_initialisation
 from anomalib_apc.benchmark.report import all_paired_differences, markdown_report, summarise
 from anomalib_apc.benchmark.results import BenchmarkResult, Initialisation, ModelRun, SplitRun
-from anomalib_apc.benchmark.runner import BASELINES, make_datamodules, run_benchmark, split_off_unavailable_variants
+from anomalib_apc.benchmark.rows import plan_rows
+from anomalib_apc.benchmark.runner import make_datamodules, run_benchmark, split_off_unavailable_rows
 from anomalib_apc.benchmark.settings import APC, PATCHCORE, BenchmarkSettings, parse_key_map
 from anomalib_apc.benchmark.variants import ABLATIONS_DIR, Variant, load_variants, select_variants
 from anomalib_apc.errors import InvalidInputError, PretrainedWeightsUnavailableError
@@ -29,6 +30,15 @@ RANDOM = Initialisation(False, None, "random")
 def _settings(**overrides: object) -> BenchmarkSettings:
     values = {"backbone": "resnet18", "image_size": 64, "finetune_epochs": 1, "pre_trained": False} | overrides
     return BenchmarkSettings(**values).resolved()
+
+
+def _models(
+    settings: BenchmarkSettings,
+    variants: list[Variant] | tuple[Variant, ...] = (),
+    seed: int = 0,
+    initialisation: Initialisation = RANDOM,
+) -> dict[str, torch.nn.Module]:
+    return build_models(plan_rows(settings, variants), settings, initialisation, seed)
 
 
 def _encoder_state(model: AnomalousPatchCore) -> dict[str, torch.Tensor]:
@@ -56,7 +66,7 @@ def test_every_ablation_file_is_a_variant_with_its_own_overrides() -> None:
 
 def test_variant_rows_apply_the_files_overrides_on_apcs_initial_weights() -> None:
     variants = select_variants(("tasks-cls", "unet4", "tasks-cls-seg"))
-    models = build_models(_settings(variants=("tasks-cls", "unet4", "tasks-cls-seg")), RANDOM, 0, variants)
+    models = _models(_settings(variants=("tasks-cls", "unet4", "tasks-cls-seg")), variants)
     assert list(models) == [PATCHCORE, APC, "APC tasks-cls", "APC unet4", "APC tasks-cls-seg"]
     assert models["APC tasks-cls"].model.tasks == ("classification",)
     assert models["APC tasks-cls-seg"].model.tasks == ("classification", "segmentation")
@@ -72,15 +82,17 @@ def test_an_edited_ablation_file_changes_the_row(tmp_path: Path) -> None:
     shutil.copytree(ABLATIONS_DIR, folder)
     (folder / "tasks_cls.yaml").write_text("model:\n  init_args:\n    tasks: [segmentation]\n")
     variants = select_variants(("tasks-cls",), folder)
-    models = build_models(_settings(variants=("tasks-cls",)), RANDOM, 0, variants)
+    models = _models(_settings(variants=("tasks-cls",)), variants)
     assert models["APC tasks-cls"].model.tasks == ("segmentation",)
 
 
 def test_variant_datamodules_take_the_files_data_overrides(tiny_dataset) -> None:
     variants = select_variants(("no-cutpaste", "tasks-cls"))
     data = CategoryData(tiny_dataset.root, tiny_dataset.category)
-    datamodules = make_datamodules(_settings(variants=("no-cutpaste", "tasks-cls")), data, 0, variants)
-    assert set(datamodules) == {APC, BASELINES, "APC no-cutpaste", "APC tasks-cls"}
+    settings = _settings(variants=("no-cutpaste", "tasks-cls"))
+    datamodules = make_datamodules(plan_rows(settings, variants), settings, data, 0)
+    assert list(datamodules) == [PATCHCORE, APC, "APC no-cutpaste", "APC tasks-cls"]
+    assert datamodules[PATCHCORE] not in (datamodules[APC], datamodules["APC tasks-cls"])
     assert datamodules["APC no-cutpaste"].cutpaste_probability == 0
     assert datamodules[APC].cutpaste_probability == datamodules["APC tasks-cls"].cutpaste_probability == 0.5
     for datamodule in datamodules.values():
@@ -112,7 +124,7 @@ def test_bn_only_builds_when_the_model_takes_finetune_scope() -> None:
         pytest.skip("AnomalousPatchCore has no finetune_scope argument in this checkout yet")
     variants = select_variants(("bn-only",))
     check_variant_arguments(variants)
-    models = build_models(_settings(variants=("bn-only",)), RANDOM, 0, variants)
+    models = _models(_settings(variants=("bn-only",)), variants)
     assert models["APC bn-only"].hparams.finetune_scope == "batchnorm_statistics"
 
 
@@ -123,16 +135,16 @@ def test_pretrained_variant_is_skipped_with_a_notice_when_weights_cannot_be_had(
         raise PretrainedWeightsUnavailableError("offline")
 
     monkeypatch.setattr("anomalib_apc.benchmark.runner.create_encoder_backbone", offline)
-    variants = select_variants(("imagenet-init", "tasks-cls"))
-    kept, notices = split_off_unavailable_variants(_settings(), RANDOM, variants)
-    assert [variant.name for variant in kept] == ["tasks-cls"]
+    rows = plan_rows(_settings(), select_variants(("imagenet-init", "tasks-cls")))
+    kept, notices = split_off_unavailable_rows(_settings(), RANDOM, rows)
+    assert [row.name for row in kept] == [PATCHCORE, APC, "APC tasks-cls"]
     assert len(notices) == 1 and "APC imagenet-init skipped" in notices[0]
-    assert split_off_unavailable_variants(_settings(), Initialisation(True, None, "hub"), variants) == (variants, [])
+    assert split_off_unavailable_rows(_settings(), Initialisation(True, None, "hub"), rows) == (rows, [])
 
 
 def test_baselines_share_backbone_weights_image_size_and_seed() -> None:
     settings = _settings(baselines=("Patchcore", "mh_patchcore"), image_size=(64, 48))
-    models = build_models(settings, RANDOM, 3)
+    models = _models(settings, seed=3)
     assert list(models) == [PATCHCORE, "MHPatchcore", APC]
     apc_state = _encoder_state(models[APC])
     for name in (PATCHCORE, "MHPatchcore"):
@@ -155,7 +167,7 @@ def test_unknown_baseline_is_refused_before_any_work(tmp_path: Path) -> None:
 
 def test_vgg16_bn_trunk_reaches_both_models_with_the_same_features() -> None:
     settings = _settings(backbone="vgg16_bn", layers=("features.32", "features.42"), baselines=("Patchcore",))
-    models = build_models(settings, RANDOM, 0)
+    models = _models(settings)
     images = torch.rand(2, 3, 64, 64)
     apc_encoder, patchcore_extractor = models[APC].model.feature_extractor.eval(), models[PATCHCORE].model.eval()
     with torch.no_grad():
@@ -179,7 +191,7 @@ def test_key_map_pairs_parse_in_order_and_bad_ones_are_named() -> None:
 
 
 def test_key_map_renames_a_foreign_checkpoint_for_both_models(tmp_path: Path) -> None:
-    reference = build_models(_settings(), RANDOM, 7)[APC]
+    reference = _models(_settings(), seed=7)[APC]
     checkpoint = tmp_path / "foreign.pth"
     torch.save({f"module.trunk.{key}": value for key, value in _encoder_state(reference).items()}, checkpoint)
     parser = cli.build_parser()
@@ -188,7 +200,7 @@ def test_key_map_renames_a_foreign_checkpoint_for_both_models(tmp_path: Path) ->
     settings = cli.settings_from_arguments(args).resolved()
     assert settings.key_map == {r"^module\.": "", r"^trunk\.": ""}
     initialisation = resolve_initialisation(settings)
-    models = build_models(settings, initialisation, 0)
+    models = _models(settings, initialisation=initialisation)
     for key, tensor in _encoder_state(reference).items():
         torch.testing.assert_close(_encoder_state(models[APC])[key], tensor)
     for key, tensor in models[PATCHCORE].model.feature_extractor.feature_extractor.state_dict().items():
@@ -226,7 +238,8 @@ def test_report_pairs_every_row_with_patchcore_and_each_variant_with_apc(tmp_pat
     metrics = {"image_AUROC": 0.9, "image_F1Max": 0.8, "pixel_AUROC": 0.7, "pixel_F1Max": 0.6, "pixel_AUPRO": 0.5}
     aurocs = {PATCHCORE: 0.80, "MHPatchcore": 0.85, APC: 0.90, "APC tasks-cls": 0.87}
     runs = [ModelRun(m, "c", 0, {**metrics, "image_AUROC": a}, math.nan, 1.0, 1.0, 10, 8) for m, a in aurocs.items()]
-    result = BenchmarkResult(settings, RANDOM, "cpu", [SplitRun("c", 0, runs)], notices=["Row X skipped"])
+    rows = plan_rows(settings, select_variants(settings.variants))
+    result = BenchmarkResult(settings, rows, RANDOM, "cpu", [SplitRun("c", 0, runs)], notices=["Row X skipped"])
     differences = {(row["model"], row["reference"]): row["image_AUROC"] for row in all_paired_differences(result)}
     assert differences == pytest.approx({
         ("MHPatchcore", PATCHCORE): 0.05, (APC, PATCHCORE): 0.10, ("APC tasks-cls", PATCHCORE): 0.07,

@@ -1,12 +1,15 @@
 """Benchmark rows derived from APC's fine-tuning equal the same variant trained from scratch."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import tiny_apc_model
 
-from anomalib_apc.benchmark.finetuning_reuse import derive_from_apc, derived_rows, reuses_apc_finetuning
-from anomalib_apc.benchmark.settings import APC, variant_row
-from anomalib_apc.benchmark.variants import select_variants
+from anomalib_apc.benchmark.finetuning_reuse import derive_from_apc
+from anomalib_apc.benchmark.rows import Row, RowKind, plan_rows
+from anomalib_apc.benchmark.settings import APC, PATCHCORE, BenchmarkSettings
+from anomalib_apc.benchmark.variants import Variant, select_variants
 from anomalib_apc.data import SupervisedMVTecAD
 
 pytestmark = pytest.mark.integration
@@ -24,7 +27,7 @@ def test_derived_variant_equals_the_variant_trained_from_scratch(tiny_dataset, t
 
     torch.manual_seed(0)
     derived = tiny_apc_model(**candidate)
-    assert reuses_apc_finetuning(derived, apc)
+    assert _variant_row(candidate).reuses_apc_finetuning
     derive_from_apc(derived, apc, _datamodule(tiny_dataset))
 
     torch.testing.assert_close(derived.model.memory_bank, from_scratch.model.memory_bank, rtol=0, atol=0)
@@ -37,30 +40,32 @@ def test_derived_variant_equals_the_variant_trained_from_scratch(tiny_dataset, t
     torch.testing.assert_close(actual.anomaly_map, expected.anomaly_map, rtol=0, atol=0)
 
 
+def _variant_row(model_arguments: dict[str, object], data_arguments: dict[str, object] | None = None) -> Row:
+    variant = Variant("candidate", Path("candidate.yaml"), model_arguments, data_arguments or {})
+    return Row("APC candidate", RowKind.VARIANT, variant=variant)
+
+
 @pytest.mark.parametrize(
-    ("apc_arguments", "variant_arguments", "reuses"),
+    ("model_arguments", "data_arguments", "reuses"),
     [
-        ({}, {"segmentation_fusion": 0.5}, True),
-        ({}, {"reestimate_batchnorm": True, "tasks": ["classification", "segmentation", "reconstruction"]}, True),
-        ({}, {"tasks": ["classification", "segmentation"]}, False),
-        ({}, {"finetune_scope": "batchnorm_statistics"}, False),
-        ({}, {"reestimate_batchnorm": True, "learning_rate": 1e-3}, False),
-        # APC's own state holds re-estimated statistics: the fine-tuned ones are gone
-        ({"reestimate_batchnorm": True}, {"reestimate_batchnorm": False}, False),
+        ({"segmentation_fusion": 0.5}, {}, True),
+        ({"reestimate_batchnorm": True, "coreset_sampler": "chunked", "patch_storage": "disk"}, {}, True),
+        ({}, {}, True),
+        ({"tasks": ["classification", "segmentation"]}, {}, False),
+        ({"finetune_scope": "batchnorm_statistics"}, {}, False),
+        ({"reestimate_batchnorm": True, "learning_rate": 1e-3}, {}, False),
+        ({"reestimate_batchnorm": True}, {"cutpaste_probability": 0.0}, False),  # other batches, other weights
     ],
 )
 def test_only_variants_that_fine_tune_identically_reuse_apc(
-    apc_arguments: dict[str, object], variant_arguments: dict[str, object], reuses: bool
+    model_arguments: dict[str, object], data_arguments: dict[str, object], reuses: bool
 ) -> None:
-    apc = tiny_apc_model(**apc_arguments)
-    assert reuses_apc_finetuning(tiny_apc_model(**variant_arguments), apc) is reuses
+    assert _variant_row(model_arguments, data_arguments).reuses_apc_finetuning is reuses
 
 
-def test_a_variant_that_changes_the_training_data_fine_tunes_itself() -> None:
-    """``no-cutpaste`` has APC's model arguments but other batches: reusing APC's weights would copy APC's row."""
-    variants = select_variants(("no-cutpaste", "bn-reestimate"))
-    assert variants[0].data_arguments and not variants[0].model_arguments
-    models = {APC: tiny_apc_model()} | {
-        variant_row(variant.name): tiny_apc_model(**variant.model_arguments) for variant in variants
-    }
-    assert derived_rows(models, variants) == {variant_row("bn-reestimate")}
+def test_only_variant_rows_reuse_and_the_others_fine_tune_on_every_device() -> None:
+    rows = plan_rows(BenchmarkSettings(), select_variants(("no-cutpaste", "bn-reestimate")))
+    assert [row.name for row in rows] == [PATCHCORE, APC, "APC no-cutpaste", "APC bn-reestimate"]
+    assert [row.name for row in rows if row.reuses_apc_finetuning] == ["APC bn-reestimate"]
+    assert [row.name for row in rows if row.fits_on_all_devices(2)] == [APC, "APC no-cutpaste"]
+    assert not any(row.fits_on_all_devices(1) for row in rows)

@@ -13,8 +13,9 @@ from torch.nn import functional as F
 
 from anomalib_apc.benchmark import cli as benchmark_cli
 from anomalib_apc.benchmark.data import CategoryData
-from anomalib_apc.benchmark.runner import BASELINES, make_datamodules
-from anomalib_apc.benchmark.settings import APC, BenchmarkSettings
+from anomalib_apc.benchmark.rows import plan_rows
+from anomalib_apc.benchmark.runner import make_datamodules
+from anomalib_apc.benchmark.settings import APC, PATCHCORE, BenchmarkSettings
 from anomalib_apc.benchmark.variants import select_variants
 from anomalib_apc.contracts import Annotation
 from anomalib_apc.data import SupervisedFolder, SupervisedMVTecAD
@@ -386,8 +387,8 @@ def test_the_benchmarks_annotation_reaches_apcs_datamodules_and_a_variants_own_w
         parser.parse_args(["--annotation", "boxes"])
     data = CategoryData(tiny_dataset.root, tiny_dataset.category)
     variants = {variant.name: variant for variant in select_variants(("labels", "boxes-soft"))}
-    datamodules = make_datamodules(settings, data, seed=0, variants=list(variants.values()))
+    datamodules = make_datamodules(plan_rows(settings, list(variants.values())), settings, data, seed=0)
     assert {name: datamodule.training_annotation for name, datamodule in datamodules.items()} == {
-        APC: "box", BASELINES: "box", "APC labels": "label", "APC boxes-soft": "box",
+        PATCHCORE: "box", APC: "box", "APC labels": "label", "APC boxes-soft": "box",
     }
     assert variants["boxes-soft"].model_arguments == {"box_supervision": "soft"}

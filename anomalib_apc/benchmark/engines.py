@@ -38,7 +38,6 @@ from torch import distributed as dist
 from anomalib_apc.benchmark.settings import BenchmarkSettings
 from anomalib_apc.data import SupervisedMVTecAD
 from anomalib_apc.errors import InvalidInputError
-from anomalib_apc.models import AnomalousPatchCore
 
 logger = logging.getLogger(__name__)
 
@@ -59,11 +58,6 @@ def is_main_process() -> bool:
     the re-run processes before any process group exists.
     """
     return rank_zero_only.rank == 0
-
-
-def fits_on_all_devices(settings: BenchmarkSettings, model: AnomalibModule) -> bool:
-    """Whether ``model`` fits with DDP on ``settings.devices`` devices (APC and its variants, with ``devices`` > 1)."""
-    return settings.devices > 1 and isinstance(model, AnomalousPatchCore)
 
 
 def check_devices(settings: BenchmarkSettings) -> None:
@@ -88,13 +82,15 @@ def fit_and_test(
     datamodule: SupervisedMVTecAD,
     root_dir: Path,
     meter: Callback,
+    distributed: bool = False,
 ) -> dict[str, float] | None:
-    """Fit ``model`` on ``datamodule``, test it on one device and return the evaluator's metrics.
+    """Fit ``model`` on ``datamodule`` (``distributed``: with DDP on ``settings.devices`` devices), test it on one
+    device and return the evaluator's metrics.
 
     The datamodule serves each model its view of the split: APC the supervised batches, a baseline the
     real normal training images only. Ranks other than 0 only take part in a DDP fit and return ``None``.
     """
-    if fits_on_all_devices(settings, model):
+    if distributed:
         fit(engine(settings, root_dir, meter, devices=settings.devices), model, datamodule)
         if not is_main_process():
             return None

@@ -3,59 +3,24 @@
 Fine-tuning is deterministic for a given seed (the same initial weights, batches and CutPaste
 draws), so a variant that only changes how the memory bank's statistics are taken or how the map
 is made (``POST_FINETUNING_ARGUMENTS``) and leaves the datamodule as APC's would fine-tune to
-exactly APC's weights. Such a row takes APC's fine-tuned state and builds its own memory bank
-under its own arguments: it costs a phase 2 and a test instead of a whole fine-tuning, with the
-same result (``tests/test_finetuning_reuse.py`` compares it with the variant trained from
-scratch). A variant with datamodule overrides (``no-cutpaste``) trains on other batches, so it
-always fine-tunes itself.
+exactly APC's weights. Such a row (``Row.reuses_apc_finetuning``) takes APC's fine-tuned state and
+builds its own memory bank under its own arguments: it costs a phase 2 and a test instead of a whole
+fine-tuning, with the same result (``tests/test_finetuning_reuse.py`` compares it with the variant
+trained from scratch). A variant with datamodule overrides (``no-cutpaste``) trains on other batches,
+so it always fine-tunes itself.
 """
 
 import time
 from collections.abc import Sequence
 
 from anomalib.engine import Engine
-from anomalib.models.components import AnomalibModule
 
 from anomalib_apc.benchmark.results import ModelRun
-from anomalib_apc.benchmark.settings import APC, variant_row
-from anomalib_apc.benchmark.variants import Variant
+from anomalib_apc.benchmark.settings import APC
 from anomalib_apc.data import SupervisedMVTecAD
 from anomalib_apc.errors import InvalidInputError
 from anomalib_apc.models import AnomalousPatchCore
-from anomalib_apc.models.apc.checks import POST_FINETUNING_ARGUMENTS
 from anomalib_apc.models.apc.normal_images import normal_training_dataloader
-
-
-def derived_rows(models: dict[str, AnomalibModule], variants: Sequence[Variant]) -> set[str]:
-    """The variant rows of ``models`` (row -> model, APC among them) that reuse APC's fine-tuning.
-
-    ``variants`` are the rows' configs: one that overrides datamodule arguments never reuses, whatever
-    its model arguments, since its fine-tuning batches are not APC's.
-    """
-    apc = models[APC]
-    other_training_data = {variant_row(variant.name) for variant in variants if variant.data_arguments}
-    return {
-        name for name, model in models.items()
-        if name != APC and name not in other_training_data and isinstance(model, AnomalousPatchCore)
-        and reuses_apc_finetuning(model, apc)
-    }
-
-
-def reuses_apc_finetuning(variant: AnomalousPatchCore, apc: AnomalousPatchCore) -> bool:
-    """Whether ``variant`` can start from APC's fine-tuned state.
-
-    True when every constructor argument that differs is one phase 1 never reads, and APC's state
-    still holds the fine-tuned batch-norm statistics (APC itself does not re-estimate them).
-    """
-    differing = {
-        name for name, value in variant.hparams.items() if _comparable(apc.hparams.get(name)) != _comparable(value)
-    }
-    return differing <= POST_FINETUNING_ARGUMENTS and not apc.reestimate_batchnorm
-
-
-def _comparable(value: object) -> object:
-    """Lists as tuples, so that a config's ``[a, b]`` equals a default ``(a, b)``."""
-    return tuple(_comparable(item) for item in value) if isinstance(value, list | tuple) else value
 
 
 def derive_from_apc(variant: AnomalousPatchCore, apc: AnomalousPatchCore, datamodule: SupervisedMVTecAD) -> None:

@@ -18,7 +18,6 @@ from anomalib.models import Patchcore
 from anomalib.models.components import AnomalibModule
 
 from anomalib_apc.benchmark.baselines import (
-    baseline_row,
     copy_initial_weights,
     resolve_baseline,
     seeded_class,
@@ -27,7 +26,8 @@ from anomalib_apc.benchmark.baselines import (
 )
 from anomalib_apc.benchmark.metrics import make_evaluator
 from anomalib_apc.benchmark.results import Initialisation
-from anomalib_apc.benchmark.settings import APC, PATCHCORE, PATCHCORE_FAST_CORESET, BenchmarkSettings, variant_row
+from anomalib_apc.benchmark.rows import Row, RowKind
+from anomalib_apc.benchmark.settings import BenchmarkSettings
 from anomalib_apc.benchmark.variants import Variant
 from anomalib_apc.data import SupervisedMVTecAD
 from anomalib_apc.errors import InvalidInputError, PretrainedWeightsUnavailableError
@@ -147,16 +147,16 @@ class SeededPatchcore(Patchcore):
 
 
 def build_models(
+    rows: Sequence[Row],
     settings: BenchmarkSettings,
     initialisation: Initialisation,
     seed: int,
-    variants: Sequence[Variant] = (),
 ) -> dict[str, AnomalibModule]:
-    """Every row's model: the baselines, APC and its variants, on the same backbone, layers, image size and seeds.
+    """Every row's model by row name, on the same backbone, layers, image size and seeds.
 
-    The baselines get APC's initial weights where their feature extractor matches it; each variant
-    is APC with its config's ``model.init_args`` applied (:func:`apc_arguments`), so it starts from
-    the same weights unless the variant itself changes them (``imagenet-init``).
+    The baselines get APC's initial weights where their feature extractor matches it; a variant is
+    APC with its config's ``model.init_args`` applied (:func:`apc_arguments`), so it starts from the
+    same weights unless the variant itself changes them (``imagenet-init``).
 
     anomalib's post-processor and visualizer are left out: the min-max normalisation is monotonic
     and the adaptive threshold is exactly what ``F1Max`` finds, so they would change no figure, but
@@ -164,14 +164,13 @@ def build_models(
     """
     apc = AnomalousPatchCore(**apc_arguments(settings, initialisation, seed))
     models: dict[str, AnomalibModule] = {}
-    for name in settings.baselines:
-        models[baseline_row(name)] = build_baseline(name, settings, initialisation, seed, apc)
-    if settings.patchcore_fast_coreset:
-        models[PATCHCORE_FAST_CORESET] = build_baseline(PATCHCORE, settings, initialisation, seed, apc, fast=True)
-    models[APC] = apc
-    for variant in variants:
-        arguments = apc_arguments(settings, initialisation, seed) | variant.model_arguments
-        models[variant_row(variant.name)] = AnomalousPatchCore(**arguments)
+    for row in rows:
+        if row.kind is RowKind.APC:
+            models[row.name] = apc
+        elif row.kind is RowKind.VARIANT:
+            models[row.name] = AnomalousPatchCore(**apc_arguments(settings, initialisation, seed) | row.model_arguments)
+        else:
+            models[row.name] = build_baseline(row, settings, initialisation, seed, apc)
     return models
 
 
@@ -198,14 +197,13 @@ NO_POST_PROCESSING = {"post_processor": False, "visualizer": False}
 
 
 def build_baseline(
-    name: str,
+    row: Row,
     settings: BenchmarkSettings,
     initialisation: Initialisation,
     seed: int,
     apc: AnomalousPatchCore,
-    fast: bool = False,
 ) -> AnomalibModule:
-    """Baseline ``name`` set up like ``apc``: backbone, layers, image size, initial weights and coreset seed.
+    """Baseline ``row``'s model, set up like ``apc``: backbone, layers, image size, initial weights, coreset seed.
 
     Patchcore is :class:`SeededPatchcore`; any other anomalib model gets the arguments its constructor
     takes and, as a memory-bank model, a memory bank fitted under the seed. Every baseline gets
@@ -214,7 +212,7 @@ def build_baseline(
     copied into its timm feature extractor when it has one; without one it keeps its own initialisation
     (random unless ``pre_trained`` and the hub are available).
     """
-    cls = resolve_baseline(name)
+    cls = resolve_baseline(row.baseline)
 
     def build(pre_trained: bool) -> AnomalibModule:
         arguments = shared_arguments(
@@ -230,12 +228,13 @@ def build_baseline(
             **NO_POST_PROCESSING,
         }
         if cls is Patchcore:
-            return SeededPatchcore(coreset_seed=seed, fast_coreset=fast, coreset_sampler=settings.coreset_sampler,
-                                   **arguments)
+            return SeededPatchcore(
+                coreset_seed=seed, fast_coreset=row.fast_coreset, coreset_sampler=settings.coreset_sampler, **arguments
+            )
         try:
             model = seeded_class(cls)(**arguments)
         except (TypeError, ValueError, RuntimeError) as error:
-            msg = f"--baselines {name}: anomalib's {cls.__name__} cannot be built for this benchmark: {error}"
+            msg = f"--baselines {row.baseline}: anomalib's {cls.__name__} cannot be built for this benchmark: {error}"
             raise InvalidInputError(msg) from error
         model.coreset_seed = seed
         return model

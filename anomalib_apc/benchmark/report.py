@@ -22,6 +22,7 @@ from typing import Any
 
 from anomalib_apc.benchmark.figures import write_figures
 from anomalib_apc.benchmark.results import DEMO_DATASET_DIR, FIGURES_DIR, RESULT_FILES, BenchmarkResult, ModelRun
+from anomalib_apc.benchmark.rows import RowKind
 from anomalib_apc.benchmark.settings import APC, PATCHCORE, BenchmarkSettings
 from anomalib_apc.benchmark.verdict import verdict_lines
 
@@ -82,7 +83,7 @@ class SummaryRow:
 
 def summarise(result: BenchmarkResult) -> list[SummaryRow]:
     """Rows per category in run order, models in table order, then a ``mean`` row per model."""
-    models = result.settings.model_names
+    models = result.row_names
     finished = [run for run in result.runs if run.ok]
     categories = list(dict.fromkeys(run.category for run in result.runs))
     rows = []
@@ -129,11 +130,9 @@ def difference_pairs(result: BenchmarkResult) -> list[tuple[str, str]]:
     The first baseline is Patchcore by default; the variants are also compared with APC, which tells
     what each change to APC does on the same split and seed.
     """
-    models = result.settings.model_names
-    reference = result.settings.baselines[0] if result.settings.baselines else PATCHCORE
-    pairs = [(model, reference) for model in models if model != reference]
-    variants = [model for model in models if model.startswith(f"{APC} ")]
-    return pairs + [(variant, APC) for variant in variants]
+    reference = result.baseline_names[0]
+    pairs = [(model, reference) for model in result.row_names if model != reference]
+    return pairs + [(variant, APC) for variant in result.variant_names]
 
 
 def all_paired_differences(result: BenchmarkResult) -> list[dict[str, Any]]:
@@ -206,6 +205,7 @@ def _write_csv(path: Path, records: Sequence[dict[str, Any]]) -> None:
 def _json_report(result: BenchmarkResult, summary: Sequence[SummaryRow], differences: list[dict]) -> dict[str, Any]:
     return {
         "settings": result.settings.as_record(),
+        "rows": [row.as_record() for row in result.rows],
         "initialisation": {
             "description": result.initialisation.description,
             "notice": result.initialisation.notice,
@@ -245,9 +245,9 @@ def markdown_report(
     settings, initialisation = result.settings, result.initialisation
     seeds = ", ".join(str(seed) for seed in settings.seeds)
     lines = [
-        f"# {' vs '.join(settings.baselines)} vs AnomalousPatchCore",
+        f"# {' vs '.join(_titled_baselines(result))} vs AnomalousPatchCore",
         "",
-        *verdict_lines(differences, settings.baselines[0] if settings.baselines else PATCHCORE, METRIC_HEADERS),
+        *verdict_lines(differences, result.baseline_names[0], METRIC_HEADERS),
         "## Settings",
         "",
         (
@@ -269,8 +269,8 @@ def markdown_report(
     test_sets = _test_set_sizes(result)
     if test_sets:
         lines.append(f"- Test images (anomalous): {test_sets}.")
-    if settings.variants:
-        variants = ", ".join(settings.variants)
+    if result.variant_names:
+        variants = ", ".join(row.variant.name for row in result.rows if row.variant)
         lines.append(f"- APC variants (configs/ablations/, same split, seeds and initial weights): {variants}.")
     for notice in ([initialisation.notice] if initialisation.notice else []) + result.notices:
         lines += ["", f"> **Notice:** {notice}"]
@@ -303,6 +303,11 @@ def markdown_report(
     lines += [f"![{Path(link).stem.replace('_', ' ')}]({link})" for link in figure_links] or ["(no run finished)"]
     lines.append("")
     return "\n".join(lines)
+
+
+def _titled_baselines(result: BenchmarkResult) -> list[str]:
+    """The baselines the title names: the fast-coreset Patchcore is Patchcore timed differently, not another model."""
+    return [row.name for row in result.rows if row.kind is RowKind.BASELINE and not row.fast_coreset]
 
 
 _ANNOTATION_TEXT = {

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from anomalib_apc.benchmark.rows import Row, RowKind
 from anomalib_apc.benchmark.settings import CONFIG_FILE, BenchmarkSettings
 
 
@@ -95,14 +96,30 @@ class SplitRun:
 
 @dataclass
 class BenchmarkResult:
-    """All runs of a benchmark, with the settings and initialisation they used."""
+    """All runs of a benchmark, with the settings, rows and initialisation they used."""
 
     settings: BenchmarkSettings
+    rows: tuple[Row, ...]
     initialisation: Initialisation
     device: str
     splits: list[SplitRun] = field(default_factory=list)
     notices: list[str] = field(default_factory=list)
     """One line per row left out before training (e.g. ``APC imagenet-init`` without pretrained weights)."""
+
+    @property
+    def row_names(self) -> list[str]:
+        """The rows' names in table order."""
+        return [row.name for row in self.rows]
+
+    @property
+    def baseline_names(self) -> list[str]:
+        """The baseline rows' names, the first of them the reference every row is compared with."""
+        return [row.name for row in self.rows if row.kind is RowKind.BASELINE]
+
+    @property
+    def variant_names(self) -> list[str]:
+        """The APC variant rows' names, each also compared with APC."""
+        return [row.name for row in self.rows if row.kind is RowKind.VARIANT]
 
     @property
     def runs(self) -> list[ModelRun]:

@@ -19,7 +19,7 @@ import logging
 import re
 import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -28,7 +28,6 @@ from lightning.pytorch import seed_everything
 from tqdm.auto import tqdm
 
 from anomalib_apc.benchmark.allocator import map_large_temporaries
-from anomalib_apc.benchmark.baselines import baseline_row
 from anomalib_apc.benchmark.data import (
     CategoryData,
     describe_datamodule_mismatch,
@@ -39,11 +38,10 @@ from anomalib_apc.benchmark.engines import (
     check_devices,
     engine,
     fit_and_test,
-    fits_on_all_devices,
     is_main_process,
     scratch_output,
 )
-from anomalib_apc.benchmark.finetuning_reuse import derive_and_test, derived_rows
+from anomalib_apc.benchmark.finetuning_reuse import derive_and_test
 from anomalib_apc.benchmark.meter import RunMeter, warm_up
 from anomalib_apc.benchmark.metrics import METRIC_NAMES
 from anomalib_apc.benchmark.models import (
@@ -60,8 +58,9 @@ from anomalib_apc.benchmark.results import (
     ModelRun,
     SplitRun,
 )
-from anomalib_apc.benchmark.settings import APC, CONFIG_FILE, BenchmarkSettings, variant_row
-from anomalib_apc.benchmark.variants import Variant, select_variants
+from anomalib_apc.benchmark.rows import Row, plan_rows
+from anomalib_apc.benchmark.settings import APC, CONFIG_FILE, BenchmarkSettings
+from anomalib_apc.benchmark.variants import select_variants
 from anomalib_apc.data import SupervisedMVTecAD
 from anomalib_apc.errors import (
     InterruptedRunError,
@@ -69,7 +68,6 @@ from anomalib_apc.errors import (
     OutputExistsError,
     PretrainedWeightsUnavailableError,
 )
-from anomalib_apc.models import AnomalousPatchCore
 from anomalib_apc.models.apc.init_weights import create_encoder_backbone
 
 logger = logging.getLogger(__name__)
@@ -91,9 +89,9 @@ def run_benchmark(
     """
     settings = settings.resolved()
     map_large_temporaries()  # anomalib's coreset sampler would otherwise grow without bound (see allocator)
-    settings = replace(settings, baselines=tuple(dict.fromkeys(baseline_row(name) for name in settings.baselines)))
     variants = select_variants(settings.variants)
     check_variant_arguments(variants)
+    rows = plan_rows(settings, variants)
     main = is_main_process()  # with --devices N, ranks 1..N-1 re-run this to join APC's fits (see engines)
     if main:
         refuse_existing_output(settings)
@@ -101,14 +99,12 @@ def run_benchmark(
     categories = resolve_categories(settings, write_demo_dataset=main)
     initialisation = resolve_initialisation(settings)
     notices = [initialisation.notice] if initialisation.notice else []
-    variants, skipped = split_off_unavailable_variants(settings, initialisation, variants)
+    rows, skipped = split_off_unavailable_rows(settings, initialisation, rows)
     notices += skipped
-    settings = replace(settings, variants=tuple(variant.name for variant in variants))
     for notice in notices if main else []:
         logger.warning(notice)
-    models = build_models(settings, initialisation, settings.seeds[0], variants)  # all can be built, before training
-    derived = derived_rows(models, variants)
-    reused = [name for name in models if name in derived]
+    build_models(rows, settings, initialisation, settings.seeds[0])  # all can be built, before any training
+    reused = [row.name for row in rows if row.reuses_apc_finetuning]
     if reused:
         skipped.append(f"Rows {', '.join(reused)} reuse APC's fine-tuning of the same seed: they differ from APC only "
                        "in arguments fine-tuning never reads; each builds its own memory bank, and its fine-tuning "
@@ -117,43 +113,43 @@ def run_benchmark(
         clear_earlier_results(settings)
         settings.output.mkdir(parents=True, exist_ok=True)
         (settings.output / CONFIG_FILE).write_text(settings.as_config())
-    result = BenchmarkResult(settings, initialisation, describe_device(settings), notices=skipped)
+    result = BenchmarkResult(settings, rows, initialisation, describe_device(settings), notices=skipped)
     jobs = [(data, seed) for data in categories for seed in settings.seeds]
     progress = tqdm(jobs, desc="Benchmark", unit="split", disable=not main)
     with scratch_output(settings) as output:
         for data, seed in progress:
             progress.set_postfix_str(f"{data.category}, seed {seed}")
-            split = run_split(replace(settings, output=output), initialisation, data, seed, variants)
+            split = run_split(settings, rows, initialisation, data, seed, output)
             result.splits.append(split)
             if on_split_done is not None and main:
                 on_split_done(result)
     return result
 
 
-def split_off_unavailable_variants(
+def split_off_unavailable_rows(
     settings: BenchmarkSettings,
     initialisation: Initialisation,
-    variants: list[Variant],
-) -> tuple[list[Variant], list[str]]:
-    """The variants that can run, and one notice per variant left out because its pretrained weights cannot be had.
+    rows: tuple[Row, ...],
+) -> tuple[tuple[Row, ...], list[str]]:
+    """The rows that can run, and one notice per variant row left out because its pretrained weights cannot be had.
 
     Only ``imagenet-init``-like variants (``pre_trained`` without a checkpoint) ask the hub, once; when APC
     itself starts from the hub's weights, they are there.
     """
-    wanting = [variant for variant in variants if variant.needs_pretrained_weights]
+    wanting = [row for row in rows if row.variant and row.variant.needs_pretrained_weights]
     if not wanting or initialisation.pre_trained:
-        return variants, []
+        return rows, []
     try:
         create_encoder_backbone(settings.backbone, pre_trained=True)
     except PretrainedWeightsUnavailableError as error:
         logger.info("Pretrained weights unavailable: %s", error)
         notices = [
-            f"Row {variant_row(variant.name)} skipped: timm's pretrained weights for {settings.backbone!r} cannot be "
-            "had here (no model hub, not in the local cache)."
-            for variant in wanting
+            f"Row {row.name} skipped: timm's pretrained weights for {settings.backbone!r} cannot be had here (no "
+            "model hub, not in the local cache)."
+            for row in wanting
         ]
-        return [variant for variant in variants if variant not in wanting], notices
-    return variants, []
+        return tuple(row for row in rows if row not in wanting), notices
+    return rows, []
 
 
 def refuse_existing_output(settings: BenchmarkSettings) -> None:
@@ -205,59 +201,60 @@ def describe_device(settings: BenchmarkSettings) -> str:
 
 def run_split(
     settings: BenchmarkSettings,
+    rows: Sequence[Row],
     initialisation: Initialisation,
     data: CategoryData,
     seed: int,
-    variants: Sequence[Variant] = (),
+    output: Path,
     num_example_images: int = 4,
 ) -> SplitRun:
-    """Train and test every model on one category with one seed.
+    """Train and test every row's model on one category with one seed; run folders go under ``output``.
 
-    Each APC row gets its own datamodule, built with the same split arguments and its variant's
+    Each fine-tuned row gets its own datamodule, built with the same split arguments and its variant's
     overrides; the baselines share one. A model that fails is recorded with its error and the others
     still run. The models' test sets are compared at the end; a difference marks every run of the
-    split as failed. With ``devices`` > 1, ranks other than 0 only fit the APC rows and return no runs.
+    split as failed. With ``devices`` > 1, ranks other than 0 only fit the rows that fine-tune on all
+    devices and return no runs.
     """
-    split_dir = settings.output / RUNS_DIR / _slug(data.category) / f"seed{seed}"
+    split_dir = output / RUNS_DIR / _slug(data.category) / f"seed{seed}"
     seed_everything(seed, workers=True)
-    models = build_models(settings, initialisation, seed, variants)
+    models = build_models(rows, settings, initialisation, seed)
     warm_up(models[APC], settings)
-    datamodules = make_datamodules(settings, data, seed, variants)
-    apc_datamodule, baseline_datamodule = datamodules[APC], datamodules[BASELINES]
+    datamodules = make_datamodules(rows, settings, data, seed)
     main = is_main_process()
-    derived = derived_rows(models, variants)
     runs: list[ModelRun] = []
     meters: dict[str, RunMeter] = {}
-    for name, model in models.items():
-        if not main and (name in derived or not fits_on_all_devices(settings, model)):
+    for row in rows:
+        distributed = row.fits_on_all_devices(settings.devices)
+        if not main and not distributed:
             continue  # rank 0 alone fits the baselines and derives rows from APC's fine-tuning
         meter = RunMeter()
-        run = ModelRun(model=name, category=data.category, seed=seed)
+        run = ModelRun(model=row.name, category=data.category, seed=seed)
+        model, datamodule = models[row.name], datamodules[row.name]
         try:
             seed_everything(seed, workers=True)
-            datamodule = datamodules.get(name, baseline_datamodule)
-            if name in derived:
-                tester = engine(settings, split_dir / _slug(name), meter)
+            if row.reuses_apc_finetuning:
+                tester = engine(settings, split_dir / _slug(row.name), meter)
                 metrics, finetune_s, memory_bank_s = derive_and_test(model, models[APC], runs, tester, datamodule)
-                _fill_run(run, model, metrics, meter)
+                _fill_run(run, row, model, metrics, meter)
                 run.finetune_s, run.memory_bank_s = finetune_s, memory_bank_s
             else:
-                metrics = fit_and_test(settings, model, datamodule, split_dir / _slug(name), meter)
+                metrics = fit_and_test(settings, model, datamodule, split_dir / _slug(row.name), meter, distributed)
                 if metrics is None:
                     continue  # another rank's share of a DDP fit: rank 0 tests and records it
-                _fill_run(run, model, metrics, meter)
-            meters[name] = meter
+                _fill_run(run, row, model, metrics, meter)
+            meters[row.name] = meter
         except InterruptedRunError:
             raise  # a stopped run ends the whole benchmark, it is no model's failure
         except Exception as error:  # one failing model must not lose the others' results
-            logger.exception("%s failed on %s, seed %d", name, data.category, seed)
+            logger.exception("%s failed on %s, seed %d", row.name, data.category, seed)
             run.error = f"{type(error).__name__}: {error}"
         if main:
             runs.append(run)
 
     finished = [run for run in runs if run.ok]
-    others = [module for row, module in datamodules.items() if row != APC]
-    mismatch = describe_split_mismatch(finished, apc_datamodule, *others)
+    others = {id(module): module for name, module in datamodules.items() if name != APC}
+    mismatch = describe_split_mismatch(finished, datamodules[APC], *others.values())
     if mismatch:
         for run in finished:
             run.error = f"Split mismatch: {mismatch}"
@@ -269,30 +266,28 @@ def run_split(
     return SplitRun(data.category, seed, runs)
 
 
-BASELINES = "baselines"
-"""Key of the datamodule the baselines share in :func:`make_datamodules`."""
-
-
 def make_datamodules(
-    settings: BenchmarkSettings, data: CategoryData, seed: int, variants: Sequence[Variant] = ()
+    rows: Sequence[Row], settings: BenchmarkSettings, data: CategoryData, seed: int
 ) -> dict[str, SupervisedMVTecAD]:
-    """One datamodule for APC, one per variant (its ``data.init_args`` applied) and one the baselines share.
+    """Each row's datamodule by row name: one per fine-tuned row (a variant's ``data.init_args`` applied),
+    one that the baselines share.
 
     All are built with the same split arguments and seed, so they move the same anomalies to training.
     """
-    datamodules = {APC: make_datamodule(settings, data, seed), BASELINES: make_datamodule(settings, data, seed)}
-    for variant in variants:
-        datamodules[variant_row(variant.name)] = make_datamodule(settings, data, seed, **variant.data_arguments)
-    return datamodules
+    shared = make_datamodule(settings, data, seed)
+    return {
+        row.name: make_datamodule(settings, data, seed, **row.data_arguments) if row.fine_tunes else shared
+        for row in rows
+    }
 
 
-def _fill_run(run: ModelRun, model: AnomalibModule, metrics: dict[str, float], meter: RunMeter) -> None:
+def _fill_run(run: ModelRun, row: Row, model: AnomalibModule, metrics: dict[str, float], meter: RunMeter) -> None:
     missing = [name for name in METRIC_NAMES if name not in metrics]
     if missing:
         msg = f"the evaluator reported no {missing} (does the test set have anomalies and masks?)"
         raise InvalidInputError(msg)
     run.metrics = {name: float(metrics[name]) for name in METRIC_NAMES}
-    if isinstance(model, AnomalousPatchCore):
+    if row.fine_tunes:
         run.finetune_s, run.memory_bank_s = meter.training_pass_s, meter.fit_s
     else:
         run.memory_bank_s = meter.training_pass_s + meter.fit_s  # Patchcore has no fine-tuning: finetune_s stays NaN

@@ -262,13 +262,6 @@ class BenchmarkSettings:
         )
 
     @property
-    def model_names(self) -> tuple[str, ...]:
-        """The rows each category gets, in table order: the baselines, APC, its variants."""
-        fast = (PATCHCORE_FAST_CORESET,) if self.patchcore_fast_coreset else ()
-        variants = (variant_row(name) for name in dict.fromkeys(self.variants))
-        return (*dict.fromkeys(self.baselines), *fast, APC, *variants)
-
-    @property
     def training_annotation(self) -> str:
         """The supervised datamodules' ``training_annotation`` for ``annotation``."""
         return "as_given" if self.annotation == "mask" else self.annotation
@@ -300,11 +293,6 @@ class BenchmarkSettings:
             if isinstance(value, tuple) or ("nargs" in settings_field.metadata["cli"].argparse and value is not None):
                 record[settings_field.name] = list(value) if isinstance(value, tuple) else [value]  # 256 -> [256]
         return yaml.safe_dump(record, sort_keys=False)
-
-
-def variant_row(name: str) -> str:
-    """The row of APC variant ``name`` (``bn-only`` -> ``APC bn-only``)."""
-    return f"{APC} {name}"
 
 
 def parse_key_map(pairs: tuple[str, ...]) -> dict[str, str]:
