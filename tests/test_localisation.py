@@ -14,8 +14,8 @@ from torch import nn
 
 from anomalib_apc.data import SupervisedMVTecAD
 from anomalib_apc.errors import InvalidInputError
-from anomalib_apc.models.apc.batchnorm import reestimate_batchnorm_statistics
 from anomalib_apc.models.apc.encoder import TimmEncoder
+from anomalib_apc.models.apc.memory_bank import reestimate_batchnorm_statistics
 from anomalib_apc.models.apc.normal_images import normal_training_images
 from anomalib_apc.models.apc.torch_model import AnomalousPatchCoreModel
 

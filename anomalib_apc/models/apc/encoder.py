@@ -4,6 +4,11 @@ One module serves both uses so that both see the same weights: the fine-tuning n
 stage (the decoder starts from the deepest one and takes skips from the others), while the memory
 bank, inference and the deployment graph only need the stages up to the deepest memory-bank layer,
 so that forward stops early there.
+
+The batch-norm control (``finetune_scope="batchnorm_statistics"``) is the encoder's own forward pass
+in train mode without gradients (:meth:`TimmEncoder.adapt_batchnorm_statistics`): batch norm updates
+its running statistics in the forward pass, so they adapt exactly as in full fine-tuning while no
+weight can change.
 """
 
 from collections.abc import Mapping, Sequence
@@ -15,6 +20,7 @@ from torch import nn
 from anomalib_apc.errors import InvalidInputError
 
 from .init_weights import create_encoder_backbone
+from .precision import finetune_autocast
 
 
 class TimmEncoder(nn.Module):
@@ -68,3 +74,14 @@ class TimmEncoder(nn.Module):
             indices=list(range(len(self.stage_names))),
             intermediates_only=True,
         )
+
+    @torch.no_grad()
+    def adapt_batchnorm_statistics(self, images: torch.Tensor, precision: str, channels_last: bool) -> None:
+        """One fine-tuning step's forward pass through every stage, in the current mode, without gradients.
+
+        In train mode batch norm updates its running statistics as full fine-tuning would; no weight changes.
+        """
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with finetune_autocast(precision, images.device):
+            self.forward_all_stages(images)

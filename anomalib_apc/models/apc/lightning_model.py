@@ -45,7 +45,6 @@ from anomalib_apc.contracts import annotations_of
 from anomalib_apc.errors import InvalidInputError
 from anomalib_apc.sampling import DEFAULT_CHUNK_ROWS, CoresetSampler, PatchStorage
 
-from .batchnorm import adapt_batchnorm_statistics
 from .checks import (
     NO_ANOMALIES_MESSAGE,
     NOT_FITTED_MESSAGE,
@@ -60,10 +59,9 @@ from .finetuning_checkpoint import FineTuningCheckpoint, keep_the_trained_model
 from .interruption import InterruptionGuard, stop_if_terminated
 from .loss import ApcLoss, BoxSupervision, LabelSupervision
 from .memory_bank import CoresetOptions, build_memory_bank_on_all_ranks
-from .network import build_network
 from .normal_images import normal_training_dataloader, training_anomaly_count
 from .precision import FineTunePrecision, finetune_autocast, full_precision, resolve_finetune_precision
-from .torch_model import TASKS
+from .torch_model import TASKS, AnomalousPatchCoreModel
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +111,7 @@ class AnomalousPatchCore(MemoryBankMixin, AnomalibModule):
         reestimate_batchnorm: Before phase 2, re-estimate the encoder's batch-norm running statistics on
             the real normal training images (one pass, no weight changes), so that the memory bank and
             the test see the normalisation of normal images rather than that of the fine-tuning
-            batches, half of them anomalous (see :mod:`.batchnorm`). ``False`` is the paper.
+            batches, half of them anomalous (see :mod:`.memory_bank`). ``False`` is the paper.
         segmentation_fusion: Exponent ``w`` of the trained segmentation head's defect probability ``p``
             in the anomaly map, which becomes PatchCore's map times ``p ** w`` (the image score stays the
             memory bank's). 0 keeps PatchCore's map, as the paper; needs the segmentation task and
@@ -183,7 +181,7 @@ class AnomalousPatchCore(MemoryBankMixin, AnomalibModule):
                                  segmentation_fusion, checkpoint_every_n_epochs)
         network = {"backbone": backbone, "layers": layers, "decoder": decoder, "tasks": tasks,
                    "num_neighbors": num_neighbors, "segmentation_fusion": segmentation_fusion}
-        self.model, self._initial_weights_error = build_network(
+        self.model, self._initial_weights_error = AnomalousPatchCoreModel.seeded(
             seed, pre_trained=pre_trained, init_weights=init_weights, init_weights_key_map=init_weights_key_map,
             **network,
         )
@@ -289,8 +287,8 @@ class AnomalousPatchCore(MemoryBankMixin, AnomalibModule):
         anomalous = labels.bool()
         self._anomalous_samples_seen += int(anomalous.sum())
         if self.finetune_scope == "batchnorm_statistics":
-            adapt_batchnorm_statistics(self.model.feature_extractor, batch.image, self._finetune_precision_in_use,
-                                       self.channels_last)
+            self.model.feature_extractor.adapt_batchnorm_statistics(batch.image, self._finetune_precision_in_use,
+                                                                    self.channels_last)
             return step_without_update(self.device)
         annotations = annotations_of(batch)
         if "segmentation" in self.model.tasks:

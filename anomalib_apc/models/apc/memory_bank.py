@@ -6,16 +6,25 @@ broadcasts it (see :mod:`.distributed`), so every rank holds the memory bank one
 patches wait in memory or in a memory-mapped file (see :mod:`anomalib_apc.sampling`). Everything runs in
 float32 and the standard memory layout (see :mod:`.precision`): the bank, the coreset and the scores are then
 those of a model loaded from the checkpoint in a fresh process.
+
+With ``reestimate_batchnorm`` the encoder's batch-norm running statistics are first re-estimated on the
+normal training images (:func:`reestimate_batchnorm_statistics`). Fine-tuning sees balanced batches, half
+of them anomalous or CutPaste, so its running means and variances describe that mixture rather than the
+normal images the memory bank is built from and the mostly normal test images; re-estimated, the memory
+bank and the test see the same normalisation, and no weight changes. PyTorch's
+``torch.optim.swa_utils.update_bn`` does the pass (statistics reset, cumulative average over one pass,
+modes restored).
 """
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from typing import TypeVar
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import update_bn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -31,7 +40,6 @@ from anomalib_apc.sampling import (
     sample_coreset,
 )
 
-from .batchnorm import reestimate_batchnorm_statistics
 from .distributed import (
     RankBlocks,
     broadcast_from_rank0,
@@ -41,6 +49,7 @@ from .distributed import (
     summed_over_ranks,
     world,
 )
+from .encoder import TimmEncoder
 from .normal_images import normal_images_of
 from .precision import full_precision
 from .torch_model import AnomalousPatchCoreModel
@@ -101,7 +110,7 @@ def build_memory_bank_on_all_ranks(
         device: Where the embedding runs.
         between_batches: Called after each batch and after the coreset (a SIGTERM check).
         reestimate_batchnorm: First re-estimate the encoder's batch-norm statistics on all of
-            ``normal_images`` (see :mod:`.batchnorm`); every rank does the same pass.
+            ``normal_images`` (see the module docstring); every rank does the same pass.
     """
     rank, world_size = world()
     loader = shard_batches(normal_images, rank, world_size) if world_size > 1 else normal_images
@@ -160,3 +169,45 @@ def _select_on_all_ranks(
             return patches[indices.to(patches.device)].to(device)
 
     return broadcast_from_rank0(select, device=device, dtype=torch.float32)
+
+
+class _AllStages(nn.Module):
+    """The encoder through every stage, so that every batch-norm layer sees data during ``update_bn``.
+
+    The memory bank only reads the stages up to its deepest layer, but the decoder and the
+    segmentation head (``segmentation_fusion``) read the deeper ones too: ``update_bn`` resets every
+    batch-norm layer of the module it is given, so each must be reached by the pass.
+    """
+
+    def __init__(self, encoder: TimmEncoder) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return self.encoder.forward_all_stages(images)
+
+
+def reestimate_batchnorm_statistics(
+    encoder: TimmEncoder,
+    images: Iterable[torch.Tensor],
+    transform: nn.Module | None,
+    device: torch.device,
+) -> None:
+    """Replace the running statistics of every batch-norm layer of ``encoder`` by those of ``images``.
+
+    Args:
+        encoder: The fine-tuned encoder; its train/eval mode is kept.
+        images: Raw batches of the real normal training images (all of them, on every DDP rank, so
+            that every rank computes the same statistics without communicating).
+        transform: The pre-processor's transform applied to each raw batch, if any.
+        device: Where the pass runs.
+    """
+
+    def prepared() -> Iterator[torch.Tensor]:
+        for batch in images:
+            batch = batch.to(device)
+            yield transform(batch) if transform else batch
+
+    all_stages = _AllStages(encoder)
+    all_stages.train(encoder.training)  # update_bn restores the mode of the module it is given
+    update_bn(prepared(), all_stages)

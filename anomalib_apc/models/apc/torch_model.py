@@ -6,22 +6,27 @@ heads) that only exists to train that encoder. Patch embedding, nearest-neighbou
 re-weighting and the anomaly map are PatchCore's own, inherited unchanged.
 """
 
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from anomalib.data import InferenceBatch
 from anomalib.models.image.patchcore.torch_model import PatchcoreModel
 from torch import nn
 
-from anomalib_apc.errors import InvalidInputError
+from anomalib_apc.errors import InvalidInputError, MissingInputError, PretrainedWeightsUnavailableError
+from anomalib_apc.sampling import seeded_global_rngs
 
 from .decoder import DecoderType, UNetDecoder
 from .encoder import TimmEncoder
 from .heads import ClassificationHead, ReconstructionHead, SegmentationHead
 
+logger = logging.getLogger(__name__)
+
 TASKS = ("classification", "segmentation", "reconstruction")
+InitialWeightsError = PretrainedWeightsUnavailableError | MissingInputError
 
 
 class FineTuneOutput(NamedTuple):
@@ -131,6 +136,43 @@ class AnomalousPatchCoreModel(PatchcoreModel):
             raise InvalidInputError(msg)
         self.segmentation_fusion = segmentation_fusion
 
+
+    @classmethod
+    def seeded(
+        cls,
+        seed: int | None,
+        pre_trained: bool,
+        init_weights: str | Path | None,
+        init_weights_key_map: Mapping[str, str] | None,
+        **network: Any,
+    ) -> tuple["AnomalousPatchCoreModel", InitialWeightsError | None]:
+        """The network under ``seeded_global_rngs(seed)``, and the error of initial weights that could not be had.
+
+        A checkpoint (``anomalib test/export --ckpt_path``, ``load_from_checkpoint``) replaces the initial
+        weights anyway, so their absence (hub unreachable, ``init_weights`` file missing) only matters for
+        training: the network is then built on random weights and the error handed back, for the Lightning
+        module to raise when training starts.
+
+        Args:
+            seed: Seed of every random initial weight; ``None`` draws from the global generators.
+            pre_trained: Start the encoder from timm's ImageNet weights.
+            init_weights: Local checkpoint to start the encoder from.
+            init_weights_key_map: Regex -> replacement pairs for the checkpoint's key names.
+            network: The other constructor arguments.
+        """
+        try:
+            with seeded_global_rngs(seed):
+                model = cls(pre_trained=pre_trained, init_weights=init_weights,
+                            init_weights_key_map=init_weights_key_map, **network)
+        except (PretrainedWeightsUnavailableError, MissingInputError) as error:
+            with seeded_global_rngs(seed):
+                model = cls(pre_trained=False, init_weights=None, **network)
+            logger.warning(
+                "%s The encoder starts from random weights for now: loading a checkpoint works, training "
+                "will stop with this error.", error,
+            )
+            return model, error
+        return model, None
     def forward(self, images: torch.Tensor) -> torch.Tensor | InferenceBatch:
         """PatchCore's forward; in inference with ``segmentation_fusion`` its map weighted by the defect probability.
 
