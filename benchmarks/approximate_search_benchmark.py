@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import faiss
 import numpy as np
+from measurements import add_json_option, write_json
 
 from anomalib_apc.deploy.search import ApproximateSearch, flat_vectors, nearest_candidate
 from anomalib_apc.deploy.search_export import approximate_index_recipe, build_approximate_index
@@ -43,6 +44,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=2048)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    add_json_option(parser)
     args = parser.parse_args()
     faiss.omp_set_num_threads(args.threads)
     rng = np.random.default_rng(0)
@@ -53,6 +55,7 @@ def main() -> None:
     exact.add(bank)
     vectors = flat_vectors(exact)
     print(f"bank {args.rows} x {args.dim} (rank {args.rank} + noise), {args.queries} queries, {args.threads} thread(s)")
+    measured = {}
     for index_type in ("hnsw", "ivf"):
         recipe = approximate_index_recipe(index_type, args.rows)
         index = build_approximate_index(bank, recipe)
@@ -64,12 +67,20 @@ def main() -> None:
 
         hand_distances, hand_ids = by_hand()
         refine_distances, refine_ids = refine.nearest(queries)
+        measured[index_type] = {
+            "factory": recipe.factory, "candidates": recipe.candidates,
+            "same_ids": float(np.mean(hand_ids == refine_ids)),
+            "bit_identical_distances": bool(np.array_equal(hand_distances, refine_distances)),
+            "max_abs_difference": float(np.abs(hand_distances - refine_distances).max()),
+            "by_hand_ms": fastest(by_hand, args.runs) * 1e3,
+            "index_refine_ms": fastest(lambda search=refine: search.nearest(queries), args.runs) * 1e3,
+        }  # fmt: skip
+        row = measured[index_type]
         print(f"{index_type} ({recipe.factory}, {recipe.search_parameters}, {recipe.candidates} candidates): "
-              f"same ids {np.mean(hand_ids == refine_ids):.4f}, "
-              f"bit-identical distances {np.array_equal(hand_distances, refine_distances)}, "
-              f"max |difference| {np.abs(hand_distances - refine_distances).max():.3g}; "
-              f"by hand {fastest(by_hand, args.runs) * 1e3:.1f} ms, "
-              f"IndexRefine {fastest(lambda search=refine: search.nearest(queries), args.runs) * 1e3:.1f} ms")
+              f"same ids {row['same_ids']:.4f}, bit-identical distances {row['bit_identical_distances']}, "
+              f"max |difference| {row['max_abs_difference']:.3g}; by hand {row['by_hand_ms']:.1f} ms, "
+              f"IndexRefine {row['index_refine_ms']:.1f} ms")
+    write_json(args.json, measured)
 
 
 if __name__ == "__main__":

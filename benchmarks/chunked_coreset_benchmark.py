@@ -35,6 +35,7 @@ from typing import TypeVar
 import psutil
 import torch
 from coreset_benchmark import return_freed_memory_to_os, run_fast
+from measurements import add_json_option, write_json
 
 from anomalib_apc.sampling import ChunkedKCenterGreedy, FastKCenterGreedy, PatchRowCollector
 
@@ -148,7 +149,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="run the exact greedy in full (and compare coverage) up to this many rows")
     parser.add_argument("--exact-budget", type=float, default=60.0,
                         help="seconds of exact greedy steps per row above --full-exact-max-rows (extrapolated)")
+    add_json_option(parser)
     args = parser.parse_args(argv)
+    measured = []
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.features} features, d={args.dim}")
     print("\n| rows | ratio | picks | storage | exact s | chunked s | speed-up | exact MiB | chunked MiB "
           "| radius exact / chunked / random | load |")
@@ -159,18 +162,27 @@ def main(argv: Sequence[str] | None = None) -> None:
             full = rows <= args.full_exact_max_rows
             exact = run_exact(features, ratio, args.seed, full, args.exact_budget)
             chunked = run_chunked(features, ratio, args.seed)
-            radius = "-"
+            radius, radii = "-", None
             if full:
                 control = torch.randperm(rows, generator=torch.Generator().manual_seed(args.seed))[: len(exact.indices)]
-                radii = [coverage_radius(features, features[chosen]) for chosen in
-                         (exact.indices, chunked.indices, control)]
-                radius = " / ".join(f"{value:.2f}" for value in radii)
+                radii = dict(zip(("exact", "chunked", "random"), (
+                    coverage_radius(features, features[chosen]) for chosen in (exact.indices, chunked.indices, control)
+                ), strict=True))
+                radius = " / ".join(f"{value:.2f}" for value in radii.values())
             exact_text = f"{exact.full_seconds:.0f}" + ("" if exact.measured else " (extrapolated)")
             print(f"| {rows:,} | {ratio:g} | {int(rows * ratio):,} | {'disk' if on_disk else 'memory'} "
                   f"| {exact_text} | {chunked.seconds:.0f} | {exact.full_seconds / chunked.seconds:.1f}x "
                   f"| {exact.growth_bytes / 2**20:.0f} | {chunked.growth_bytes / 2**20:.0f} | {radius} "
                   f"| {os.getloadavg()[0]:.1f} |", flush=True)
+            measured.append({
+                "rows": rows, "ratio": ratio, "picks": int(rows * ratio), "storage": "disk" if on_disk else "memory",
+                "seconds": {"exact": exact.full_seconds, "chunked": chunked.seconds},
+                "exact_extrapolated": not exact.measured,
+                "growth_mib": {"exact": exact.growth_bytes / 2**20, "chunked": chunked.growth_bytes / 2**20},
+                "coverage_radius": radii,
+            })  # fmt: skip
         del features
+    write_json(args.json, measured)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ import psutil
 import torch
 from anomalib.models.components.dimensionality_reduction import SparseRandomProjection
 from anomalib.models.components.sampling import KCenterGreedy
+from measurements import add_json_option, write_json
 
 from anomalib_apc.sampling import FastKCenterGreedy
 
@@ -196,8 +197,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         default=None,
         help="time budget for anomalib per row; longer selections are run on a prefix and extrapolated",
     )
+    add_json_option(parser)
     args = parser.parse_args(argv)
 
+    measured = []
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, features={args.features}, d={args.dim}")
     header = (
         f"{'n':>7} {'ratio':>5} {'coreset':>7} {'steps':>6} | {'projection s':>12} | {'anomalib s':>10} {'ours s':>7}"
@@ -233,10 +236,20 @@ def main(argv: Sequence[str] | None = None) -> None:
                 f" | {os.getloadavg()[0]:>4.1f} | {identical}",
                 flush=True,
             )
+            measured.append({
+                "rows": rows, "ratio": ratio, "coreset_size": coreset_size, "steps": steps,
+                "projection_s": {"anomalib": anomalib_run.projection_seconds, "ours": fast_run.projection_seconds},
+                "selection_s": {"anomalib": anomalib_run.seconds, "ours": fast_run.seconds},
+                "full_selection_s": {"anomalib": full_anomalib, "ours": full_fast},
+                "extrapolated": steps != coreset_size,
+                "peak_mib": {"anomalib": anomalib_run.peak_bytes / 2**20, "ours": fast_run.peak_bytes / 2**20},
+                "identical_indices": identical,
+            })  # fmt: skip
             if not identical:
                 msg = f"n={rows}, ratio={ratio}: FastKCenterGreedy selected different indices than KCenterGreedy"
                 raise AssertionError(msg)
         del features
+    write_json(args.json, measured)
 
 
 if __name__ == "__main__":

@@ -39,11 +39,13 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import openvino as ov
 import torch
+from measurements import add_json_option, write_json
 
 from anomalib_apc.data import make_demo_dataset
 from anomalib_apc.deploy import ApcInferencer, compare_with_model, export_bundle
@@ -71,6 +73,7 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--segmentation-fusion", type=float, default=0.0,
                         help="exponent of the segmentation head's probability in the map (0: PatchCore's map)")
     parser.add_argument("--work-dir", type=Path, help="where exports go (default: a temporary folder)")
+    add_json_option(parser)
     return parser.parse_args()
 
 
@@ -82,10 +85,11 @@ def main() -> None:
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as temporary:
         work_dir = args.work_dir or Path(temporary)
-        run(args, work_dir)
+        write_json(args.json, run(args, work_dir))
 
 
-def run(args: argparse.Namespace, work_dir: Path) -> None:
+def run(args: argparse.Namespace, work_dir: Path) -> dict:
+    """Time every contestant, print the tables and return what they show."""
     size = (args.image_size, args.image_size)
     model = AnomalousPatchCore(
         backbone=args.backbone, pre_trained=False, tasks=("segmentation",) if args.segmentation_fusion else (),
@@ -121,10 +125,19 @@ def run(args: argparse.Namespace, work_dir: Path) -> None:
     }
     print_table(table, list(contestants))
     print(f"load after {os.getloadavg()[0]:.2f}")
-    print_breakdown(inferencer, test_images[:1], args.rounds)
+    breakdown = print_breakdown(inferencer, test_images[:1], args.rounds)
     report = compare_with_model(inferencer, model, test_images)
     print(f"Parity, bundle (FP32, exact) against torch: {report.summary()}; "
           f"normalised scores within {report.max_normalized_score_difference:.2e}.")
+    return {
+        "ms_per_image": {str(batch_size): row for batch_size, row in table.items()},
+        "speed_up_vs_torch": {
+            str(batch_size): {name: row["torch"] / value for name, value in row.items() if not isinstance(value, str)}
+            for batch_size, row in table.items()
+        },
+        "bundle_batch_1_ms": breakdown,
+        "parity": asdict(report),
+    }
 
 
 MIN_PARITY_IMAGES = 4
@@ -233,8 +246,8 @@ def print_table(table: dict[int, dict[str, float | str]], names: list[str]) -> N
         print(f"{name:<22}" + "".join(cells))
 
 
-def print_breakdown(inferencer: ApcInferencer, image: torch.Tensor, rounds: int) -> None:
-    """Where the bundle's time goes for one image."""
+def print_breakdown(inferencer: ApcInferencer, image: torch.Tensor, rounds: int) -> dict[str, float]:
+    """Where the bundle's time goes for one image: print it and return the median ms per stage."""
     model_inputs = inferencer.prepare(image).model_inputs
     patches = inferencer.embed(model_inputs)
     rows = np.ascontiguousarray(patches.reshape(-1, patches.shape[-1]))
@@ -256,6 +269,7 @@ def print_breakdown(inferencer: ApcInferencer, image: torch.Tensor, rounds: int)
     settled = search.settled_fraction if isinstance(search, BoundedExactSearch) else 0.0
     print("Bundle at batch 1: " + ", ".join(f"{name} {ms:.1f} ms" for name, ms in medians.items())
           + f"; the bound settled {100 * settled:.1f} % of the patches, brute force the rest")
+    return medians
 
 if __name__ == "__main__":
     main()

@@ -28,11 +28,12 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from coreset_benchmark import PeakRssGrowth, return_freed_memory_to_os
+from measurements import add_json_option, write_json
 
 from anomalib_apc.models import AnomalousPatchCore
 from anomalib_apc.models.apc.precision import finetune_autocast, full_precision, resolve_finetune_precision
@@ -206,6 +207,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--accuracy-image-size", type=int, default=128)
     parser.add_argument("--accuracy-epochs", type=int, default=3)
     parser.add_argument("--output", type=Path, default=Path("results/finetune_benchmark"))
+    add_json_option(parser)
     args = parser.parse_args(argv)
 
     initial_state = build_model(args.backbone, args.image_size, seed=0).state_dict()
@@ -215,6 +217,8 @@ def main(argv: list[str] | None = None) -> None:
         results[configuration.name] = measure(configuration, args, initial_state)
         print(f"{configuration.name}: {results[configuration.name]}", file=sys.stderr, flush=True)
     print_throughput(results, args)
+    measured: dict = {"throughput": {name: asdict(result) for name, result in results.items()}}
+    write_json(args.json, measured)
 
     if not args.accuracy_seeds:
         return
@@ -227,6 +231,8 @@ def main(argv: list[str] | None = None) -> None:
         runs[chosen].append(train_and_test(args, seed, chosen_precision, default.channels_last))
         print(f"seed {seed}: fp32 {runs['fp32'][-1]}, default {runs[chosen][-1]}", file=sys.stderr, flush=True)
     print_accuracy(runs, args.accuracy_seeds)
+    measured["accuracy"] = {"seeds": args.accuracy_seeds, "default": chosen, "runs": runs}
+    write_json(args.json, measured)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from anomalib.models import Patchcore
 from anomalib.models.components.sampling import KCenterGreedy
+from measurements import add_json_option, write_json
 
 from anomalib_apc.benchmark.models import copy_initial_weights
 from anomalib_apc.data import SupervisedMVTecAD
@@ -73,8 +74,8 @@ def load_batches(datamodule: SupervisedMVTecAD, transform: Callable, timer: Step
         return [transform(batch.image) for batch in normal_training_dataloader(datamodule)]
 
 
-def profile(args: argparse.Namespace, ratio: float) -> None:
-    """Time both phase-2 pipelines for one coreset ratio and print the table."""
+def profile(args: argparse.Namespace, ratio: float) -> dict:
+    """Time both phase-2 pipelines for one coreset ratio, print the table and return what it shows."""
     size = (args.image_size, args.image_size)
     datamodule = SupervisedMVTecAD(root=args.root, category=args.category, num_anomalies=0, eval_batch_size=8,
                                    num_workers=0, seed=0)
@@ -111,14 +112,21 @@ def profile(args: argparse.Namespace, ratio: float) -> None:
         msg = "FastKCenterGreedy chose other patches than KCenterGreedy"
         raise AssertionError(msg)
 
-    print(f"\n{args.category}: {len(normal_training_dataloader(datamodule).dataset)} normal images, "
+    normal_images = len(normal_training_dataloader(datamodule).dataset)
+    print(f"\n{args.category}: {normal_images} normal images, "
           f"{embedding.shape[0]} x {embedding.shape[1]} patches, {args.image_size} px, coreset {ratio:.0%} "
           f"({len(indices)} patches, identical indices)")
     print(f"| step | {' | '.join(timers)} | ratio |")
     print("|---|---|---|---|")
+    seconds = {}
     for name in (*STEPS, "total"):
         base, ours = (sum(t.seconds.values()) if name == "total" else t.seconds[name] for t in timers.values())
         print(f"| {name} | {base:.2f} s | {ours:.2f} s | {base / ours:.2f}x |")
+        seconds[name] = {"anomalib": base, "ours": ours}
+    return {
+        "category": args.category, "normal_images": normal_images, "patches": list(embedding.shape), "ratio": ratio,
+        "coreset_size": len(indices), "identical_indices": True, "seconds": seconds,
+    }  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -130,9 +138,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.01])
     parser.add_argument("--seed", type=int, default=0)
+    add_json_option(parser)
     args = parser.parse_args(argv)
-    for ratio in args.ratios:
-        profile(args, ratio)
+    write_json(args.json, [profile(args, ratio) for ratio in args.ratios])
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from measurements import add_json_option, write_json
 from PIL import Image
 
 MODES = ("bounded", "full-size")
@@ -98,6 +99,7 @@ def main() -> None:
     parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--bundle", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
+    add_json_option(parser)
     args = parser.parse_args()
     if args.child:
         child(args.child, args.bundle, args.folder, args.folder.parent / "predictions", args.batch_size)
@@ -108,6 +110,7 @@ def main() -> None:
         bundle = make_bundle(work / "bundle", args.image_size)
         print(f"{args.images} {args.format.upper()} images of {args.size} x {args.size}, model input "
               f"{args.image_size} px, batch size {args.batch_size}")
+        measured = {}
         for mode in args.modes:
             result = subprocess.run(
                 [sys.executable, __file__, "--child", mode, "--bundle", str(bundle), "--folder", str(work / "images"),
@@ -116,6 +119,9 @@ def main() -> None:
             )
             loaded, peak, seconds = result.stdout.split()[-3:]
             print(f"{mode:>9}: peak RSS {peak} MB ({loaded} MB after loading the bundle), {seconds} s")
+            measured[mode] = {"rss_after_loading_mb": float(loaded), "peak_rss_mb": float(peak),
+                              "seconds": float(seconds)}
+    write_json(args.json, measured)
 
 
 if __name__ == "__main__":
