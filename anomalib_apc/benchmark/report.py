@@ -269,8 +269,8 @@ def markdown_report(
     test_sets = _test_set_sizes(result)
     if test_sets:
         lines.append(f"- Test images (anomalous): {test_sets}.")
-    if result.variant_names:
-        variants = ", ".join(row.variant.name for row in result.rows if row.variant)
+    variants = ", ".join(row.variant.name for row in result.rows if row.variant)
+    if variants:
         lines.append(f"- APC variants (configs/ablations/, same split, seeds and initial weights): {variants}.")
     for notice in ([initialisation.notice] if initialisation.notice else []) + result.notices:
         lines += ["", f"> **Notice:** {notice}"]
