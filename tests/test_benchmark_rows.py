@@ -248,6 +248,8 @@ def test_report_pairs_every_row_with_patchcore_and_each_variant_with_apc(tmp_pat
     text = markdown_report(result, summarise(result), all_paired_differences(result))
     assert "## Minus Patchcore" in text and "## Minus APC" in text and "Row X skipped" in text
     assert "| APC tasks-cls | c | -3.00 |" in text
+    assert "- APC variants (configs/ablations/, same split, seeds and initial weights): tasks-cls." in text
+    assert text.startswith("# Patchcore vs MHPatchcore vs AnomalousPatchCore")
 
 
 @pytest.mark.integration
