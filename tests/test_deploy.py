@@ -133,6 +133,18 @@ def test_fp32_bundle_matches_the_torch_model(inferencer: ApcInferencer, trained,
     assert 0 < int(result.pred_label.sum()) < len(test_images)
 
 
+def test_ov_config_reaches_the_compiled_graph_and_overrides_the_defaults(
+    bundle: Path, inferencer: ApcInferencer, test_images: torch.Tensor
+) -> None:
+    assert str(inferencer.graph.get_property("PERFORMANCE_HINT")) == "LATENCY"
+    tuned = ApcInferencer(bundle, ov_config={"PERFORMANCE_HINT": "THROUGHPUT", "INFERENCE_NUM_THREADS": 1})
+    assert str(tuned.graph.get_property("PERFORMANCE_HINT")) == "THROUGHPUT"
+    assert tuned.graph.get_property("INFERENCE_NUM_THREADS") == 1
+    torch.testing.assert_close(
+        tuned.predict(test_images).pred_score, inferencer.predict(test_images).pred_score, rtol=1e-5, atol=1e-5
+    )
+
+
 def test_any_batch_size_gives_the_same_scores(inferencer: ApcInferencer, test_images: torch.Tensor) -> None:
     together = inferencer.predict(test_images[:3]).pred_score
     alone = torch.cat([inferencer.predict(image).pred_score for image in test_images[:3]])

@@ -18,6 +18,7 @@ The result is an anomalib ``ImageBatch``, which anomalib's visualizer and metric
 import importlib
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,6 +111,9 @@ class ApcInferencer:
         search: ``"default"``: the bundle's approximate index if it has one, else exact search with
             the lower bound; ``"exact"``: exact search with the lower bound even if the bundle has
             an approximate index; ``"brute_force"``: faiss ``IndexFlatL2`` over every row.
+        ov_config: OpenVINO properties for compiling the graphs, as anomalib's ``OpenVINOInferencer``
+            takes them (e.g. ``{"PERFORMANCE_HINT": "THROUGHPUT"}``); they override this inferencer's
+            defaults (``num_threads``, the latency hint, float32 arithmetic for a float32 bundle).
 
     Raises:
         MissingInputError: The bundle or one of its files is missing.
@@ -129,9 +133,12 @@ class ApcInferencer:
         device: str = "CPU",
         num_threads: int | None = None,
         search: SearchMode = "default",
+        ov_config: Mapping[str, object] | None = None,
     ) -> None:
         check_choice("search", search, SEARCH_MODES)
         self.bundle = Path(bundle)
+        self.ov_config = dict(ov_config or {})
+        self.core = ov.Core()  # one per inferencer: both graphs are read and compiled by it
         self.metadata: BundleMetadata = read_metadata(self.bundle)
         verify_checksums(self.bundle, self.metadata.checksums, self.metadata.files())
         self.num_threads = num_threads or available_cpus()
@@ -159,7 +166,7 @@ class ApcInferencer:
         """Read and compile one of the bundle's graphs, refusing one whose shapes disagree with the metadata."""
         path = self.bundle / name
         try:
-            model = ov.Core().read_model(path)
+            model = self.core.read_model(path)
         except RuntimeError as error:
             msg = f"{path}: OpenVINO cannot read this graph ({error})."
             raise InvalidInputError(msg) from error
@@ -176,7 +183,7 @@ class ApcInferencer:
         if self.metadata.precision != "int8":
             # Keep float32 arithmetic where a CPU would default to bfloat16 (parity with the PyTorch model).
             config["INFERENCE_PRECISION_HINT"] = "f32"
-        return ov.Core().compile_model(model, device, config)
+        return self.core.compile_model(model, device, config | self.ov_config)
 
     def _read_memory_bank(self) -> faiss.IndexFlatL2:
         index = self._read_index(MEMORY_BANK_FILE)
