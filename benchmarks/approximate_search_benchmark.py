@@ -19,6 +19,7 @@ import faiss
 import numpy as np
 from measurements import add_json_option, write_json
 
+from anomalib_apc.deploy.options import APPROXIMATE_INDEX_TYPES
 from anomalib_apc.deploy.search import ApproximateSearch, flat_vectors, nearest_candidate
 from anomalib_apc.deploy.search_export import approximate_index_recipe, build_approximate_index
 
@@ -56,8 +57,8 @@ def main() -> None:
     vectors = flat_vectors(exact)
     print(f"bank {args.rows} x {args.dim} (rank {args.rank} + noise), {args.queries} queries, {args.threads} thread(s)")
     measured = {}
-    for index_type in ("hnsw", "ivf"):
-        recipe = approximate_index_recipe(index_type, args.rows)
+    for index_type in APPROXIMATE_INDEX_TYPES:
+        recipe = approximate_index_recipe(index_type, args.rows, args.dim)
         index = build_approximate_index(bank, recipe)
         refine = ApproximateSearch(index, exact, recipe.candidates)
 

@@ -12,8 +12,17 @@ anomaly map, normalisation and labels.
   lower bound of ``anomalib_apc.deploy.search``.
 - ``bundle brute force``: the same bundle with ``search="brute_force"`` (faiss ``IndexFlatL2`` over every row).
 - with ``--segmentation-fusion W``, the model has a segmentation head (untrained: the time is the same)
-  whose defect probability weights the map, and the bundle its extra graph; ``bundle, map unfused``
-  is that bundle with the extra graph left out, which gives the cost of the fusion.
+  whose defect probability weights the map, and the bundle's graph a second output; ``bundle, map
+  unfused`` is that bundle with the fusion switched off, which gives the cost of the fusion.
+- with ``--int8``: ``anomalib openvino int8`` (anomalib's export with nncf post-training quantisation,
+  ``CompressionType.INT8_PTQ``, calibrated on the datamodule's validation images as anomalib does),
+  ``bundle int8`` (nncf calibrated on the normal training images, memory bank recomputed by the
+  quantised graph) and ``bundle int8 + <index>`` (the same with a compact approximate index), and
+  ``--int8-acq`` adds ``bundle int8-acq`` (accuracy control against the labelled test images).
+
+With ``--category-dir`` and ``--accuracy``, every contestant also scores every test image of the
+category: image AUROC, pixel AUROC and AUPRO (FPR limit 0.3) against the ground truth, and the share
+of labels equal to the FP32 bundle's (the reference: its parity with the PyTorch model is printed).
 
 Calls are interleaved (one call of each contestant per round), so that load from other processes
 affects them alike; the table gives the median over rounds per image. The ``load`` line gives the
@@ -29,6 +38,7 @@ Example:
     python benchmarks/deploy_benchmark.py                       # ResNet-50, 256 px, 16,384 x 1,536
     python benchmarks/deploy_benchmark.py --backbone resnet18 --image-size 128 --memory-bank-size 2048 --rounds 3
     python benchmarks/deploy_benchmark.py --image-size 128 --memory-bank-size 4096 --segmentation-fusion 1
+    python benchmarks/deploy_benchmark.py --category-dir ../shared/datasets/mpdd/metal_plate --int8 --accuracy
 """
 
 import argparse
@@ -41,15 +51,25 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import openvino as ov
 import torch
+from anomalib.data import ImageBatch, InferenceBatch, MVTecAD
+from anomalib.deploy import CompressionType
+from anomalib.metrics.aupro import _AUPRO
 from measurements import add_json_option, write_json
+from torchmetrics.classification import BinaryAUROC
+from torchvision.transforms.v2 import Resize
+from torchvision.transforms.v2.functional import resize
+from tqdm import tqdm
 
 from anomalib_apc.data import make_demo_dataset
-from anomalib_apc.deploy import ApcInferencer, compare_with_model, export_bundle
+from anomalib_apc.data.mvtecad import mvtec_samples
+from anomalib_apc.deploy import ApcInferencer, compare_with_model, export_bundle, read_metadata
 from anomalib_apc.deploy.images import list_image_files, read_image_file
+from anomalib_apc.deploy.options import APPROXIMATE_INDEX_TYPES
 from anomalib_apc.deploy.search import BoundedExactSearch
 from anomalib_apc.models import AnomalousPatchCore
 
@@ -59,6 +79,8 @@ logger = logging.getLogger("deploy_benchmark")
 def parse_arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbone", default="resnet50")
+    parser.add_argument("--layers", nargs="+", default=["layer2", "layer3"])
+    parser.add_argument("--init-weights", type=Path, help="local checkpoint of the backbone (default: random weights)")
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--memory-bank-size", type=int, default=16384)
     parser.add_argument("--memory-bank", choices=("real", "random"), default="real",
@@ -73,6 +95,14 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--segmentation-fusion", type=float, default=0.0,
                         help="exponent of the segmentation head's probability in the map (0: PatchCore's map)")
     parser.add_argument("--work-dir", type=Path, help="where exports go (default: a temporary folder)")
+    parser.add_argument("--int8", action="store_true", help="add the INT8 contestants (needs nncf)")
+    parser.add_argument("--int8-acq", action="store_true", help="add the accuracy-controlled INT8 bundle")
+    parser.add_argument("--compact-index", choices=APPROXIMATE_INDEX_TYPES, default="hnsw",
+                        help="compact index of the 'bundle int8 + index' contestant (default hnsw)")
+    parser.add_argument("--calibration-images", type=int, default=300,
+                        help="normal training images INT8 calibration reads at most (default 300)")
+    parser.add_argument("--accuracy", action="store_true",
+                        help="score every test image of --category-dir with every contestant (AUROC, AUPRO, labels)")
     add_json_option(parser)
     return parser.parse_args()
 
@@ -88,12 +118,27 @@ def main() -> None:
         write_json(args.json, run(args, work_dir))
 
 
+class Prediction(NamedTuple):
+    """What every contestant returns for a batch: post-processed scores, anomaly maps ``(B, H, W)`` and labels."""
+
+    score: torch.Tensor
+    anomaly_map: torch.Tensor
+    label: torch.Tensor
+
+
+Contestant = Callable[[torch.Tensor], Prediction]
+
+
 def run(args: argparse.Namespace, work_dir: Path) -> dict:
     """Time every contestant, print the tables and return what they show."""
+    if args.accuracy and args.category_dir is None:
+        msg = "--accuracy scores a category's test images: give --category-dir."
+        raise SystemExit(msg)
     size = (args.image_size, args.image_size)
     model = AnomalousPatchCore(
-        backbone=args.backbone, pre_trained=False, tasks=("segmentation",) if args.segmentation_fusion else (),
-        finetune_epochs=0, visualizer=False, pre_processor=AnomalousPatchCore.configure_pre_processor(image_size=size),
+        backbone=args.backbone, layers=args.layers, pre_trained=False, init_weights=args.init_weights,
+        tasks=("segmentation",) if args.segmentation_fusion else (), finetune_epochs=0, visualizer=False,
+        pre_processor=AnomalousPatchCore.configure_pre_processor(image_size=size),
     ).eval()
     # set after construction: the model refuses an untrained segmentation head, which times like a trained one
     model.model.segmentation_fusion = args.segmentation_fusion
@@ -104,16 +149,25 @@ def run(args: argparse.Namespace, work_dir: Path) -> dict:
     started = time.perf_counter()
     bundle = export_bundle(model, work_dir / "bundle")
     logger.info("Bundle export: %.1f s.", time.perf_counter() - started)
-    contestants: dict[str, Callable[[torch.Tensor], object]] = {"torch": model}
+    contestants: dict[str, Contestant] = {"torch": lambda images: from_inference_batch(model(images))}
     if not args.skip_anomalib_openvino:
-        contestants["anomalib openvino"] = anomalib_openvino(model, work_dir, args.threads)
+        contestants["anomalib openvino"] = anomalib_openvino(model, work_dir, args, quantised=False)
+        if args.int8:
+            contestants["anomalib openvino int8"] = anomalib_openvino(model, work_dir, args, quantised=True)
     inferencer = ApcInferencer(bundle, num_threads=args.threads)
-    contestants["bundle"] = inferencer.predict
-    contestants["bundle brute force"] = ApcInferencer(bundle, num_threads=args.threads, search="brute_force").predict
+    contestants["bundle"] = bundle_contestant(inferencer)
+    contestants["bundle brute force"] = bundle_contestant(
+        ApcInferencer(bundle, num_threads=args.threads, search="brute_force"))
     if args.segmentation_fusion:
         unfused = ApcInferencer(bundle, num_threads=args.threads)
-        unfused.defect_graph = None
-        contestants["bundle, map unfused"] = unfused.predict
+        unfused.fuse_defect_probability = False
+        contestants["bundle, map unfused"] = bundle_contestant(unfused)
+    for name, options in int8_bundles(args):
+        started = time.perf_counter()
+        path = export_bundle(model, work_dir / name.replace(" ", "_"), **options)
+        logger.info("%s export: %.1f s; memory bank from the %s.", name, time.perf_counter() - started,
+                    read_metadata(path).provenance["memory_bank"]["source"])
+        contestants[name] = bundle_contestant(ApcInferencer(path, num_threads=args.threads))
 
     fusion = f", segmentation fusion {args.segmentation_fusion}" if args.segmentation_fusion else ""
     print(f"\n{args.backbone}{fusion}, {args.image_size} px, memory bank {model.model.memory_bank.shape[0]} x "
@@ -129,6 +183,7 @@ def run(args: argparse.Namespace, work_dir: Path) -> dict:
     report = compare_with_model(inferencer, model, test_images)
     print(f"Parity, bundle (FP32, exact) against torch: {report.summary()}; "
           f"normalised scores within {report.max_normalized_score_difference:.2e}.")
+    accuracy = measure_accuracy(contestants, args) if args.accuracy else None
     return {
         "ms_per_image": {str(batch_size): row for batch_size, row in table.items()},
         "speed_up_vs_torch": {
@@ -137,7 +192,42 @@ def run(args: argparse.Namespace, work_dir: Path) -> dict:
         },
         "bundle_batch_1_ms": breakdown,
         "parity": asdict(report),
+        "accuracy": accuracy,
     }
+
+
+def int8_bundles(args: argparse.Namespace) -> list[tuple[str, dict]]:
+    """The INT8 bundles to export: names and ``export_bundle`` options."""
+    if not (args.int8 or args.int8_acq):
+        return []
+    calibration = {"calibration_images": calibration_folder(args), "max_calibration_images": args.calibration_images}
+    bundles = []
+    if args.int8:
+        bundles += [("bundle int8", {"precision": "int8", **calibration}),
+                    (f"bundle int8 + {args.compact_index}", {"precision": "int8", "index": args.compact_index,
+                                                              **calibration})]
+    if args.int8_acq:
+        bundles.append(("bundle int8-acq", {"precision": "int8-acq", "validation_images": args.category_dir / "test",
+                                            **calibration}))
+    return bundles
+
+
+def calibration_folder(args: argparse.Namespace) -> Path:
+    """The normal training images: those the memory bank comes from."""
+    if args.category_dir is None:
+        msg = "INT8 contestants calibrate on a category's normal training images: give --category-dir."
+        raise SystemExit(msg)
+    return args.category_dir / "train" / "good"
+
+
+def from_inference_batch(batch: InferenceBatch | ImageBatch) -> Prediction:
+    count = len(batch.pred_score)
+    return Prediction(batch.pred_score.reshape(-1), batch.anomaly_map.reshape(count, *batch.anomaly_map.shape[-2:]),
+                      batch.pred_label.reshape(-1))
+
+
+def bundle_contestant(inferencer: ApcInferencer) -> Contestant:
+    return lambda images: from_inference_batch(inferencer.predict(images))
 
 
 MIN_PARITY_IMAGES = 4
@@ -159,8 +249,9 @@ def load_images(args: argparse.Namespace, work_dir: Path) -> tuple[torch.Tensor,
     test_files = [test_files[i] for i in np.linspace(0, len(test_files) - 1, needed_test).round().astype(int)]
 
     def read(files: list[Path]) -> torch.Tensor:
-        return torch.stack([torch.nn.functional.interpolate(read_image_file(f)[None], size=(args.image_size,) * 2,
-                                                            mode="bilinear", antialias=True)[0] for f in files])
+        # as export_bundle reads calibration images, so that INT8 bundles find the memory bank's patches among them
+        size = [args.image_size, args.image_size]
+        return torch.stack([resize(read_image_file(f, size=tuple(size)), size, antialias=True) for f in files])
 
     return read(train_files), read(test_files)
 
@@ -195,20 +286,83 @@ def calibrate_post_processor(model: AnomalousPatchCore, images: torch.Tensor) ->
     post._pixel_threshold.fill_(raw.anomaly_map.median())
 
 
-def anomalib_openvino(model: AnomalousPatchCore, work_dir: Path, threads: int) -> Callable[[torch.Tensor], object]:
-    """anomalib's export of the model (``model.to_openvino``), compiled for the CPU."""
+def anomalib_openvino(
+    model: AnomalousPatchCore, work_dir: Path, args: argparse.Namespace, quantised: bool,
+) -> Contestant:
+    """anomalib's export of the model (``model.to_openvino``), compiled for the CPU; INT8 by anomalib's nncf path."""
     started = time.perf_counter()
-    path = model.to_openvino(work_dir / "anomalib_export", onnx_kwargs={"verbose": False})
-    logger.info("anomalib OpenVINO export: %.1f s (%s).", time.perf_counter() - started, path)
+    options = {}
+    if quantised:
+        category = calibration_folder(args).parent.parent
+        size = (args.image_size, args.image_size)
+        options = {"compression_type": CompressionType.INT8_PTQ,
+                   "datamodule": MVTecAD(root=category.parent, category=category.name, eval_batch_size=1,
+                                         num_workers=0, val_augmentations=Resize(size))}
+    path = model.to_openvino(work_dir / ("anomalib_int8" if quantised else "anomalib_export"),
+                             onnx_kwargs={"verbose": False}, **options)
+    logger.info("anomalib OpenVINO export%s: %.1f s (%s).", " (INT8)" if quantised else "",
+                time.perf_counter() - started, path)
     core = ov.Core()
-    compiled = core.compile_model(core.read_model(path), "CPU",
-                                  {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"})
+    config = {"INFERENCE_NUM_THREADS": args.threads, "PERFORMANCE_HINT": "LATENCY"}
+    if not quantised:  # float32 arithmetic, as the FP32 bundle (the CPU plugin would pick bfloat16 on this CPU)
+        config["INFERENCE_PRECISION_HINT"] = "f32"
+    compiled = core.compile_model(core.read_model(path), "CPU", config)
     logger.info("anomalib OpenVINO graph input: %s.", compiled.input(0).get_partial_shape())
-    return lambda images: compiled(images.numpy())
+
+    def predict(images: torch.Tensor) -> Prediction:
+        outputs = compiled(images.numpy())
+        named = {output.get_any_name(): torch.from_numpy(outputs[output]) for output in compiled.outputs}
+        maps = named["anomaly_map"].reshape(len(images), *images.shape[-2:])
+        return Prediction(named["pred_score"].reshape(-1), maps, named["pred_label"].reshape(-1))
+
+    return predict
+
+
+def measure_accuracy(
+    contestants: dict[str, Contestant], args: argparse.Namespace,
+) -> dict[str, dict[str, float]]:
+    """Image AUROC, pixel AUROC, AUPRO of every contestant on every test image, and label agreement with ``bundle``."""
+    samples = mvtec_samples(args.category_dir, "--category-dir")
+    samples = samples[samples.split == "test"]
+    size = [args.image_size, args.image_size]
+    images = torch.stack([resize(read_image_file(Path(path), size=tuple(size)), size, antialias=True)
+                          for path in samples.image_path])
+    masks = torch.stack([
+        torch.zeros(size, dtype=torch.bool) if mask is None else
+        torch.nn.functional.interpolate(read_image_file(Path(mask))[:1][None], size=size, mode="nearest")[0, 0] > 0.5
+        for mask in samples.mask_path
+    ])
+    labels = torch.tensor(samples.label_index.to_numpy())
+    predictions = {}
+    for name, contestant in contestants.items():
+        if name == "bundle brute force":  # the same results as "bundle", more slowly
+            continue
+        started = time.perf_counter()
+        with torch.no_grad():
+            parts = [contestant(batch) for batch in tqdm(images.split(8), desc=f"Accuracy: {name}", unit="batch")]
+        predictions[name] = Prediction(*(torch.cat(field) for field in zip(*parts, strict=True)))
+        logger.info("%s: %d test images in %.0f s.", name, len(images), time.perf_counter() - started)
+    reference = predictions["bundle"].label
+    results = {}
+    for name, prediction in predictions.items():
+        aupro = _AUPRO(fpr_limit=0.3)
+        aupro.update(prediction.anomaly_map, masks.int())
+        results[name] = {
+            "image_auroc": 100 * float(BinaryAUROC()(prediction.score, labels)),
+            "pixel_auroc": 100 * float(BinaryAUROC()(prediction.anomaly_map.flatten(), masks.flatten().int())),
+            "aupro": 100 * float(aupro.compute()),
+            "labels_equal_to_fp32_bundle": 100 * float((prediction.label == reference).float().mean()),
+        }
+    print(f"\nAccuracy on all {len(images)} test images of {args.category_dir} (labels against the FP32 bundle):")
+    print(f"{'':<28}{'image AUROC':>12}{'pixel AUROC':>12}{'AUPRO':>8}{'labels =':>10}")
+    for name, row in results.items():
+        print(f"{name:<28}{row['image_auroc']:>12.2f}{row['pixel_auroc']:>12.2f}{row['aupro']:>8.2f}"
+              f"{row['labels_equal_to_fp32_bundle']:>9.1f}%")
+    return results
 
 
 def time_contestants(
-    contestants: dict[str, Callable[[torch.Tensor], object]],
+    contestants: dict[str, Contestant],
     images: torch.Tensor,
     batch_size: int,
     rounds: int,

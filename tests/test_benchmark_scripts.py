@@ -74,6 +74,23 @@ def test_deploy_benchmark_runs_and_checks_parity(tiny_dataset, tmp_path: Path) -
     assert measured["speed_up_vs_torch"]["1"]["torch"] == 1.0
     assert measured["parity"]["labels_equal"] is True and measured["parity"]["images"] >= 4
     assert set(measured["bundle_batch_1_ms"]) == {"CNN (OpenVINO)", "search", "everything (predict)"}
+    assert measured["accuracy"] is None
+
+
+def test_deploy_benchmark_measures_int8_accuracy_on_every_test_image(tiny_dataset, tmp_path: Path) -> None:
+    _run_script(
+        "deploy_benchmark", "--backbone", "resnet18", "--image-size", "64", "--memory-bank-size", "256", "--rounds",
+        "1", "--batch-sizes", "1", "--skip-anomalib-openvino", "--int8", "--compact-index", "ivf", "--accuracy",
+        "--calibration-images", "8", "--category-dir", str(tiny_dataset.category_dir), "--work-dir", str(tmp_path),
+        "--json", str(tmp_path / "m"),
+    )
+    accuracy = _measured(tmp_path / "m")["accuracy"]
+    assert set(accuracy) == {"torch", "bundle", "bundle int8", "bundle int8 + ivf"}
+    # the FP32 bundle reproduces the PyTorch model, so their figures agree to rounding
+    for metric in ("image_auroc", "pixel_auroc", "aupro", "labels_equal_to_fp32_bundle"):
+        assert accuracy["torch"][metric] == pytest.approx(accuracy["bundle"][metric], abs=0.01)
+    assert accuracy["bundle"]["labels_equal_to_fp32_bundle"] == 100.0
+    assert accuracy["bundle int8"]["image_auroc"] == pytest.approx(accuracy["bundle"]["image_auroc"], abs=5)
 
 
 def test_finetune_benchmark_compares_every_configuration_with_float32(tiny_dataset, tmp_path: Path) -> None:
@@ -97,7 +114,7 @@ def test_approximate_search_benchmark_finds_indexrefine_equal_to_re_ranking_by_h
     _run_script("approximate_search_benchmark", "--rows", "1024", "--dim", "32", "--rank", "4", "--queries", "64",
                 "--runs", "1", "--json", str(tmp_path / "m"))
     measured = _measured(tmp_path / "m")
-    assert set(measured) == {"hnsw", "ivf"}
+    assert set(measured) == {"hnsw", "ivf", "pca"}
     for index in measured.values():
         assert index["same_ids"] == 1.0 and index["bit_identical_distances"] is True
         assert index["max_abs_difference"] == 0.0

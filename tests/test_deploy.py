@@ -238,7 +238,7 @@ def test_bound_settles_low_rank_features_and_not_structureless_ones() -> None:
 def test_held_out_recall_without_images(trained, index_type: str) -> None:
     model, _ = trained
     bank = model.model.memory_bank.numpy()
-    report = held_out_recall(bank, approximate_index_recipe(index_type, len(bank)))
+    report = held_out_recall(bank, approximate_index_recipe(index_type, *bank.shape))
     assert report.queries == len(bank) // 10
     assert 0.5 <= report.recall_at_1 <= 1
     assert "held out" in report.query_source

@@ -162,7 +162,7 @@ def test_approximate_search_equals_exact_re_ranking_of_the_candidates() -> None:
     exact.add(bank)
     # A product-quantised index ranks by approximate distances, which the refinement must replace.
     quantised = ApproximateIndexRecipe("ivf", "IVF16,PQ8x4", "nprobe=4", candidates=8)
-    for recipe in (approximate_index_recipe("hnsw", len(bank)), approximate_index_recipe("ivf", len(bank)), quantised):
+    for recipe in (*(approximate_index_recipe(name, *bank.shape) for name in ("hnsw", "ivf", "pca")), quantised):
         index = build_approximate_index(bank, recipe)
         distances, ids = ApproximateSearch(index, exact, recipe.candidates).nearest(queries)
         _, candidates = index.search(queries, recipe.candidates)
@@ -599,7 +599,7 @@ def test_metadata_holds_no_field_that_inference_ignores(labelled_bundle: Path) -
     fields = json.loads((labelled_bundle / "metadata.json").read_text())
     assert set(fields) == {name for (name, *_) in _metadata_edits()} | {"content_sha256"}
     assert "normalization" not in fields and set(fields["provenance"]) == {
-        "backbone", "layers", "versions", "source_checkpoint", "verification"}
+        "backbone", "layers", "versions", "source_checkpoint", "memory_bank", "verification"}
     assert fields["post_processor"]["state"]["_image_threshold"] == 2.0
 
 
@@ -626,15 +626,17 @@ def test_links_in_an_input_folder_each_get_a_row_or_a_warning(bundles, tmp_path:
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("precision", ["int8", "int8-acq"])
 def test_int8_without_nncf_is_refused_before_the_bundle_it_would_overwrite_is_touched(
-    bundle_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    bundle_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, precision: str,
 ) -> None:
     calibration = tmp_path / "calibration"
     for number in range(2):
         _image(calibration / f"{number}.png", seed=number)
     before = {path.name: path.read_bytes() for path in bundle_copy.iterdir()}
     monkeypatch.setitem(sys.modules, "nncf", None)  # as if it were not installed
-    with pytest.raises(InvalidInputError, match=r"nncf, which is not installed: .*anomalib-apc\[quantization\]"):
-        export_bundle(random_bank_model(0), bundle_copy, precision="int8", calibration_images=calibration,
-                      overwrite=True)
+    expected = rf"--precision {precision}: .*nncf, which is not installed: .*anomalib-apc\[quantization\]"
+    with pytest.raises(InvalidInputError, match=expected):
+        export_bundle(random_bank_model(0), bundle_copy, precision=precision, calibration_images=calibration,
+                      validation_images=calibration, overwrite=True)
     assert {path.name: path.read_bytes() for path in bundle_copy.iterdir()} == before

@@ -6,14 +6,16 @@ A bundle is a folder that ``ApcInferencer`` runs without Lightning, the training
   memory-bank layer plus PatchCore's local aggregation (3x3 average pooling, upsampling,
   concatenation: ``AnomalousPatchCoreModel.embedding_map``). Input: pre-processed images
   ``(N, 3, H, W)``, any ``N``; output: patch rows ``(N, h, w, D)``, already in the layout faiss
-  searches. FP32 by default; FP16 weights, or INT8 quantised by nncf on calibration images.
-- ``defect_probability.xml`` / ``.bin`` (models with ``segmentation_fusion`` only): OpenVINO IR of
-  the segmentation head's defect probability ``(N, 1, H, W)``, which weights the anomaly map.
-- ``memory_bank.faiss``: the memory bank as an exact faiss ``IndexFlatL2``.
+  searches. With ``segmentation_fusion``, a second output: the segmentation head's defect
+  probability ``(N, 1, H, W)``, which weights the anomaly map (the encoder runs once for both).
+  FP32 by default; FP16 weights, or INT8 quantised by nncf (``anomalib_apc.deploy.quantization``).
+- ``memory_bank.faiss``: the memory bank as an exact faiss ``IndexFlatL2``; for INT8, recomputed by
+  the quantised graph so that bank and queries share one arithmetic.
 - ``bound_projection.npz``: principal axes of the memory bank, with which exact search skips most
   distance computations (see ``anomalib_apc.deploy.search``).
-- ``approximate_index.faiss`` (optional): an HNSW or IVF index, with its recall against exact
-  search measured at export and recorded in the metadata.
+- ``approximate_index.faiss`` (optional): a compact index (HNSW or IVF over 8-bit codes, or a PCA
+  projection) whose candidates are re-ranked against the exact rows, with its size, recall and
+  largest distance error against exact search measured at export and recorded in the metadata.
 - ``metadata.json``: see ``anomalib_apc.deploy.metadata.BundleMetadata``, with the SHA-256 of every
   other file and the identity of the source checkpoint.
 
@@ -33,7 +35,6 @@ from pathlib import Path
 
 import anomalib
 import faiss
-import numpy as np
 import openvino as ov
 import torch
 from anomalib.data import AnomalibDataModule
@@ -44,27 +45,15 @@ from anomalib_apc import __version__
 from anomalib_apc.errors import InvalidInputError, OutputExistsError, check_choice
 from anomalib_apc.models import AnomalousPatchCore
 
-from .calibration import query_patches, read_calibration_images
+from .calibration import query_patches, read_calibration_images, read_validation_images
 from .checkpoint import read_checkpoint
 from .checksums import bundle_checksums
-from .graph import (
-    DefectProbabilityGraph,
-    EmbeddingGraph,
-    export_graph,
-    model_input_size,
-    pre_processing_transform,
-)
+from .graph import convert_graph, deployed_graph, model_input_size, pre_processing_transform
 from .inferencer import ApcInferencer
-from .metadata import (
-    DEFECT_GRAPH_FILE,
-    DEFECT_GRAPH_OUTPUT,
-    GRAPH_FILE,
-    MEMORY_BANK_FILE,
-    METADATA_FILE,
-    BundleMetadata,
-)
+from .metadata import GRAPH_FILE, MEMORY_BANK_FILE, METADATA_FILE, BundleMetadata
 from .options import INDEX_TYPES, PRECISIONS, IndexType, Precision
 from .parity import compare_with_model
+from .quantization import DeployedMemoryBank, quantize_graph, recompute_memory_bank, require_nncf
 from .search_export import export_approximate_index, export_bound
 
 logger = logging.getLogger(__name__)
@@ -82,6 +71,8 @@ def export_bundle(
     calibration_images: str | Path | None = None,
     datamodule: AnomalibDataModule | None = None,
     max_calibration_images: int = 300,
+    validation_images: str | Path | None = None,
+    max_drop: float = 0.005,
     overwrite: bool = False,
 ) -> Path:
     """Write a deployment bundle of a trained model.
@@ -90,13 +81,19 @@ def export_bundle(
         model: A fitted ``AnomalousPatchCore`` or the path of its Lightning checkpoint.
         output: Bundle folder to create.
         precision: ``fp32`` (parity with PyTorch), ``fp16`` (half-size weights, computed in float32
-            on CPUs) or ``int8`` (nncf post-training quantisation; needs calibration images).
-        index: ``flat`` (exact search only) or an approximate index used by default at inference:
-            ``hnsw`` or ``ivf``. The bundle keeps the exact index either way.
+            on CPUs), ``int8`` (nncf post-training quantisation; needs calibration images) or
+            ``int8-acq`` (the same with nncf's accuracy control; also needs ``validation_images``).
+        index: ``flat`` (exact search only) or a compact approximate index used by default at
+            inference, re-ranked against the exact rows: ``hnsw`` (HNSW over 8-bit codes), ``ivf``
+            (inverted lists of 8-bit codes) or ``pca`` (a scan of the rows projected on their
+            principal axes). The bundle keeps the exact index either way.
         calibration_images: Folder of images (searched recursively) for INT8 calibration, recall
             measurement and the parity check; normal training images are the right choice.
         datamodule: Where to take those images from instead: its normal training images.
         max_calibration_images: Upper limit on the calibration images read.
+        validation_images: For ``int8-acq``: a folder whose ``good`` subfolder holds normal images and
+            whose other subfolders hold defective ones (anomalib's ``test`` layout).
+        max_drop: For ``int8-acq``: the largest loss of validation image AUROC (0 .. 1) allowed.
         overwrite: Replace an existing non-empty ``output`` folder.
 
     Returns:
@@ -112,8 +109,7 @@ def export_bundle(
     check_choice("index", index, INDEX_TYPES)
     directory = Path(output)
     _check_output(directory, overwrite)
-    if precision == "int8":
-        _require_nncf()  # before anything is read, and long before --overwrite removes the bundle there
+    require_nncf(precision)  # before anything is read, and long before --overwrite removes the bundle there
     if isinstance(model, str | Path):
         lightning_model, identity = read_checkpoint(model)
         source_checkpoint = identity.as_dict()
@@ -131,24 +127,31 @@ def export_bundle(
     transform = pre_processing_transform(lightning_model)
     image_size = model_input_size(transform)
     calibration = read_calibration_images(calibration_images, datamodule, image_size, max_calibration_images)
-    if precision == "int8" and calibration is None:
-        msg = ("INT8 quantisation needs calibration images: pass calibration_images=FOLDER (--calibration-images) "
-               "or a datamodule.")
+    if precision.startswith("int8") and calibration is None:
+        msg = (f"--precision {precision}: INT8 quantisation needs calibration images: pass calibration_images=FOLDER "
+               "(--calibration-images) or a datamodule.")
         raise InvalidInputError(msg)
+    if precision == "int8-acq" and validation_images is None:
+        msg = ("--precision int8-acq: accuracy control needs labelled validation images: pass "
+               "validation_images=FOLDER (--validation-images) with a good/ subfolder and defect subfolders.")
+        raise InvalidInputError(msg)
+    validation = read_validation_images(validation_images, image_size, transform) if validation_images else None
     _replace_output(directory)
 
     model_inputs = transform(calibration) if calibration is not None else None
-    graph = EmbeddingGraph(torch_model).eval()
+    graph, output_names = deployed_graph(torch_model)
     with torch.no_grad():
-        _, feature_height, feature_width, embedding_dim = graph(torch.zeros(1, 3, *image_size)).shape
-    export_graph(graph, image_size, precision, model_inputs, directory / GRAPH_FILE)
-    if torch_model.segmentation_fusion > 0:
-        export_graph(DefectProbabilityGraph(torch_model).eval(), image_size, precision, model_inputs,
-                     directory / DEFECT_GRAPH_FILE, output_name=DEFECT_GRAPH_OUTPUT)
+        _, embedding_dim, feature_height, feature_width = torch_model.embedding_map(
+            torch.zeros(1, 3, *image_size)).shape
+    ov_model = convert_graph(graph, output_names, image_size)
+    memory_bank = DeployedMemoryBank.of_float_model(torch_model)
+    if precision.startswith("int8"):
+        ov_model = quantize_graph(ov_model, precision, model_inputs, torch_model, validation, max_drop)
+        memory_bank = recompute_memory_bank(torch_model, ov.Core().compile_model(ov_model, "CPU"), model_inputs)
+    ov.save_model(ov_model, directory / GRAPH_FILE, compress_to_fp16=precision == "fp16")
 
-    memory_bank = np.ascontiguousarray(torch_model.memory_bank.detach().cpu().numpy(), dtype=np.float32)
-    exact_index = faiss.IndexFlatL2(memory_bank.shape[1])
-    exact_index.add(memory_bank)
+    exact_index = faiss.IndexFlatL2(memory_bank.rows.shape[1])
+    exact_index.add(memory_bank.rows)
     faiss.write_index(exact_index, str(directory / MEMORY_BANK_FILE))
     patches = query_patches(torch_model, model_inputs)
     exact_search = export_bound(exact_index, patches, directory)
@@ -159,6 +162,7 @@ def export_bundle(
         "layers": list(torch_model.layers),
         "versions": _versions(precision),
         "source_checkpoint": source_checkpoint,
+        "memory_bank": memory_bank.as_dict(),
         "verification": None,
     }
     metadata = BundleMetadata(
@@ -166,7 +170,7 @@ def export_bundle(
         image_size=image_size,
         embedding_dim=int(embedding_dim),
         feature_map_size=(int(feature_height), int(feature_width)),
-        memory_bank_size=int(memory_bank.shape[0]),
+        memory_bank_size=int(memory_bank.rows.shape[0]),
         precision=precision,
         pre_processor=lightning_model.pre_processor.checkpoint_config(),
         post_processor=_post_processor_description(lightning_model.post_processor),
@@ -195,16 +199,6 @@ def _check_output(directory: Path, overwrite: bool) -> None:
         if not (directory / METADATA_FILE).is_file():
             msg = f"{directory} holds files but no bundle; refusing to overwrite a folder that is not a bundle."
             raise OutputExistsError(msg)
-
-
-def _require_nncf() -> None:
-    """Refuse INT8 where nncf, its quantiser, is not installed (an optional dependency)."""
-    try:
-        import nncf  # noqa: F401
-    except ImportError as error:
-        msg = ("INT8 bundles are quantised by nncf, which is not installed: pip install 'anomalib-apc[quantization]' "
-               "(or choose --precision fp32/fp16).")
-        raise InvalidInputError(msg) from error
 
 
 def _replace_output(directory: Path) -> None:
@@ -242,7 +236,7 @@ def _versions(precision: Precision) -> dict[str, str]:
         "faiss": faiss.__version__,
         "torch": torch.__version__,
     }
-    if precision == "int8":
+    if precision.startswith("int8"):
         import nncf
 
         versions["nncf"] = nncf.__version__

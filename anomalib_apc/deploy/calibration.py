@@ -5,7 +5,7 @@ through the one contract between model and data (``normal_training_images``), an
 the model's input size as they are read.
 """
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -14,11 +14,12 @@ from anomalib.data import AnomalibDataModule
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from anomalib_apc.errors import MissingInputError
+from anomalib_apc.errors import InvalidInputError, MissingInputError
 from anomalib_apc.models import AnomalousPatchCoreModel
 from anomalib_apc.models.apc.normal_images import normal_training_images
 
 from .images import list_image_files, read_image_file
+from .quantization import DEFECTIVE_LABEL, NORMAL_LABEL, ValidationImages
 
 # Patch rows used to measure recall and how often the bound settles a query.
 MAX_QUERY_PATCHES = 4096
@@ -56,6 +57,36 @@ def read_calibration_images(
         msg = f"No calibration image found in {folder or type(datamodule).__name__}."
         raise MissingInputError(msg)
     return torch.stack(images)
+
+
+NORMAL_FOLDER = "good"
+
+
+def read_validation_images(
+    folder: str | Path, image_size: tuple[int, int], transform: Callable[[torch.Tensor], torch.Tensor],
+) -> ValidationImages:
+    """Pre-processed labelled images of a folder in anomalib's ``test`` layout: ``good/`` normal, the rest defective.
+
+    Raises:
+        MissingInputError: ``folder`` does not exist.
+        InvalidInputError: It lacks normal or defective images (an AUROC needs both).
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        msg = f"--validation-images {root}: no such folder."
+        raise MissingInputError(msg)
+    files = list_image_files([root])
+    labels = [NORMAL_LABEL if path.relative_to(root).parts[0] == NORMAL_FOLDER else DEFECTIVE_LABEL for path in files]
+    if NORMAL_LABEL not in labels or DEFECTIVE_LABEL not in labels:
+        msg = (f"--validation-images {root}: needs normal images in {root / NORMAL_FOLDER} and defective images in "
+               f"other subfolders; found {labels.count(NORMAL_LABEL)} normal and {labels.count(DEFECTIVE_LABEL)} "
+               "defective.")
+        raise InvalidInputError(msg)
+    images = torch.stack([
+        v2.functional.resize(read_image_file(path, size=image_size), list(image_size), antialias=True)
+        for path in tqdm(files, desc="Reading validation images", unit="image")
+    ])
+    return ValidationImages(transform(images), torch.tensor(labels))
 
 
 @torch.no_grad()

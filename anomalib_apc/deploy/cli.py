@@ -8,6 +8,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from anomalib_apc.errors import InvalidInputError
+
 from .options import INDEX_TYPES, OVERLAY_DIR, PRECISIONS, SCORES_FILE, SEARCH_MODES
 
 
@@ -15,12 +17,18 @@ def add_export_bundle_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ckpt", required=True, type=Path, help="Lightning checkpoint of a trained AnomalousPatchCore")
     parser.add_argument("--output", required=True, type=Path, help="bundle folder to create")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                        help="graph weights: fp32 (parity with PyTorch), fp16, or int8 (needs --calibration-images)")
+                        help="graph weights: fp32 (parity with PyTorch), fp16, int8 (needs --calibration-images) or "
+                             "int8-acq (accuracy-controlled; also needs --validation-images)")
     parser.add_argument("--index", choices=INDEX_TYPES, default="flat",
-                        help="flat: exact search only; hnsw/ivf: also an approximate index, used by default")
+                        help="flat: exact search only; hnsw/ivf/pca: also a compact approximate index re-ranked "
+                             "against the exact rows, used by default")
     parser.add_argument("--calibration-images", type=Path,
                         help="folder of (normal) images for INT8 calibration, recall measurement and the parity check")
     parser.add_argument("--max-calibration-images", type=int, default=300, help="read at most this many (default 300)")
+    parser.add_argument("--validation-images", type=Path,
+                        help="for int8-acq: folder with good/ (normal) and defect subfolders, as an MVTec test folder")
+    parser.add_argument("--max-drop", type=float, default=0.005,
+                        help="for int8-acq: largest loss of validation image AUROC, 0..1 (default 0.005)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing bundle in --output")
 
 
@@ -36,6 +44,8 @@ def run_export_bundle(args: argparse.Namespace) -> int:
         index=args.index,
         calibration_images=args.calibration_images,
         max_calibration_images=args.max_calibration_images,
+        validation_images=args.validation_images,
+        max_drop=args.max_drop,
         overwrite=args.overwrite,
     )
     metadata = read_metadata(directory)
@@ -43,7 +53,8 @@ def run_export_bundle(args: argparse.Namespace) -> int:
           f"input {metadata.image_size}, memory bank {metadata.memory_bank_size} x {metadata.embedding_dim}.")
     if metadata.approximate_search:
         search = metadata.approximate_search
-        print(f"{search['type']} index: recall@1 {search['recall_at_1']:.4f} against exact search "
+        print(f"{search['type']} index ({search['bytes'] / 2**20:.1f} MiB): recall@1 {search['recall_at_1']:.4f} "
+              f"against exact search, nearest distances {search['max_relative_distance_error']:.2e} larger at most "
               f"({search['recall_queries']} queries: {search['recall_query_source']}).")
     if metadata.provenance["verification"]:
         check = metadata.provenance["verification"]
@@ -60,6 +71,10 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--search", choices=SEARCH_MODES, default="default",
                         help="default: the bundle's approximate index if any, else exact; exact; brute_force")
     parser.add_argument("--threads", type=int, help="CPU threads for OpenVINO and faiss (default: all available)")
+    parser.add_argument("--throughput", action="store_true",
+                        help="run the CNN of the next batches while one is searched (OpenVINO AsyncInferQueue)")
+    parser.add_argument("--ov-config", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="OpenVINO properties of the graph, e.g. PERFORMANCE_HINT=THROUGHPUT NUM_STREAMS=1")
     parser.add_argument("--overwrite", action="store_true",
                         help=f"replace the {SCORES_FILE} and {OVERLAY_DIR}/ of an earlier run in --output")
 
@@ -76,12 +91,30 @@ def run_predict(args: argparse.Namespace) -> int:
         search=args.search,
         num_threads=args.threads,
         overwrite=args.overwrite,
+        throughput=args.throughput,
+        ov_config=ov_properties(args.ov_config),
     )
     failed = len(summary.failures)
-    print(f"Scored {summary.scored} of {summary.images} images, {failed} failed: {summary.scores_file}, "
-          f"overlays in {summary.overlay_dir}.")
+    print(f"Scored {summary.scored} of {summary.images} images, {failed} failed, {summary.images_per_second:.1f} "
+          f"images/s: {summary.scores_file}, overlays in {summary.overlay_dir}.")
     if summary.failures:
         print(f"anomalib-apc predict: {failed} of {summary.images} file(s) could not be scored (their rows in "
               f"{summary.scores_file.name} say why):\n  " + "\n  ".join(summary.failures), file=sys.stderr)
         return 1
     return 0
+
+
+def ov_properties(pairs: list[str]) -> dict[str, str]:
+    """``--ov-config KEY=VALUE ...`` as a dict; OpenVINO converts each value from its text itself.
+
+    Raises:
+        InvalidInputError: An item is not ``KEY=VALUE``.
+    """
+    properties = {}
+    for pair in pairs:
+        key, separator, value = pair.partition("=")
+        if not separator or not key.strip() or not value.strip():
+            msg = f"--ov-config: expected KEY=VALUE (e.g. PERFORMANCE_HINT=THROUGHPUT), got {pair!r}."
+            raise InvalidInputError(msg)
+        properties[key.strip()] = value.strip()
+    return properties

@@ -1,14 +1,12 @@
-"""The bundle's OpenVINO graphs: the fine-tuned CNN and PatchCore's local aggregation, converted from PyTorch;
-with ``segmentation_fusion``, also the segmentation head's defect probability.
+"""The bundle's OpenVINO graph: the fine-tuned CNN and PatchCore's local aggregation, converted from PyTorch;
+with ``segmentation_fusion``, also the segmentation head's defect probability as a second output.
 
 Also what the graph's static input depends on: the model's pre-processing transform, the size it
 brings every image to, and its normalisation (recorded for readers of the metadata).
 """
 
-import logging
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 
 import openvino as ov
 import torch
@@ -17,10 +15,7 @@ from torch import nn
 from anomalib_apc.errors import InvalidInputError
 from anomalib_apc.models import AnomalousPatchCore, AnomalousPatchCoreModel
 
-from .metadata import GRAPH_INPUT, GRAPH_OUTPUT
-from .options import Precision
-
-logger = logging.getLogger(__name__)
+from .metadata import DEFECT_PROBABILITY_OUTPUT, GRAPH_INPUT, GRAPH_OUTPUT
 
 
 class EmbeddingGraph(nn.Module):
@@ -34,20 +29,28 @@ class EmbeddingGraph(nn.Module):
         return self.model.embedding_map(images).permute(0, 2, 3, 1)
 
 
-class DefectProbabilityGraph(nn.Module):
-    """The segmentation head's defect probability ``(N, 1, H, W)`` of pre-processed images.
+class FusedGraph(nn.Module):
+    """Patch rows ``(N, h, w, D)`` and the segmentation head's defect probability ``(N, 1, H, W)``, one encoder pass.
 
-    A graph of its own, exported only for models with ``segmentation_fusion``: the encoder runs
-    through every stage and the decoder, which the embedding graph (stopping at the deepest
-    memory-bank stage) never needs.
+    The graph of a model with ``segmentation_fusion``: its decoder reads every encoder stage, the
+    memory-bank stages among them, so one graph with two outputs runs the encoder once where two
+    graphs would run it twice.
     """
 
     def __init__(self, model: AnomalousPatchCoreModel) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model.defect_probability(images, images.shape[-2:])
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        embedding, probability = self.model.embedding_map_and_defect_probability(images, images.shape[-2:])
+        return embedding.permute(0, 2, 3, 1), probability
+
+
+def deployed_graph(model: AnomalousPatchCoreModel) -> tuple[nn.Module, tuple[str, ...]]:
+    """The graph a bundle deploys for ``model`` and the names of its outputs."""
+    if model.segmentation_fusion > 0:
+        return FusedGraph(model).eval(), (GRAPH_OUTPUT, DEFECT_PROBABILITY_OUTPUT)
+    return EmbeddingGraph(model).eval(), (GRAPH_OUTPUT,)
 
 
 def pre_processing_transform(model: AnomalousPatchCore) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -73,15 +76,8 @@ def model_input_size(transform: Callable[[torch.Tensor], torch.Tensor]) -> tuple
     return int(height), int(width)
 
 
-def export_graph(
-    graph: nn.Module,
-    image_size: tuple[int, int],
-    precision: Precision,
-    calibration_inputs: torch.Tensor | None,
-    path: Path,
-    output_name: str = GRAPH_OUTPUT,
-) -> None:
-    """Convert the graph with a dynamic batch dimension, quantise it for INT8, save it as IR."""
+def convert_graph(graph: nn.Module, output_names: tuple[str, ...], image_size: tuple[int, int]) -> ov.Model:
+    """The OpenVINO graph of ``graph`` with a dynamic batch dimension and named input and outputs."""
     with torch.no_grad(), warnings.catch_warnings():
         # kornia's Gaussian blur (segmentation head) reads its constant kernel size while traced: harmless here
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning, module="kornia")
@@ -91,12 +87,6 @@ def export_graph(
             input=[ov.PartialShape([-1, 3, *image_size])],
         )
     ov_model.input(0).get_tensor().set_names({GRAPH_INPUT})
-    ov_model.output(0).get_tensor().set_names({output_name})
-    if precision == "int8":
-        import nncf
-
-        samples = [image[None].numpy() for image in calibration_inputs]
-        if len(samples) < 300:
-            logger.warning("INT8 calibration on %d images; nncf recommends 300.", len(samples))
-        ov_model = nncf.quantize(ov_model, nncf.Dataset(samples), subset_size=len(samples))
-    ov.save_model(ov_model, path, compress_to_fp16=precision == "fp16")
+    for index, name in enumerate(output_names):
+        ov_model.output(index).get_tensor().set_names({name})
+    return ov_model

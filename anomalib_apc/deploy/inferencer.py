@@ -18,7 +18,9 @@ The result is an anomalib ``ImageBatch``, which anomalib's visualizer and metric
 import importlib
 import logging
 import os
-from collections.abc import Mapping
+import threading
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +39,15 @@ from anomalib_apc.errors import InvalidInputError, check_choice
 
 from .checksums import verify_checksums
 from .images import ImageInput, resize_unit_image, to_image_tensors
-from .metadata import DEFECT_GRAPH_FILE, GRAPH_FILE, MEMORY_BANK_FILE, METADATA_FILE, BundleMetadata, read_metadata
+from .metadata import (
+    DEFECT_PROBABILITY_OUTPUT,
+    GRAPH_FILE,
+    GRAPH_OUTPUT,
+    MEMORY_BANK_FILE,
+    METADATA_FILE,
+    BundleMetadata,
+    read_metadata,
+)
 from .options import SEARCH_MODES, SearchMode
 from .search import (
     ApproximateSearch,
@@ -143,12 +153,10 @@ class ApcInferencer:
         verify_checksums(self.bundle, self.metadata.checksums, self.metadata.files())
         self.num_threads = num_threads or available_cpus()
         faiss.omp_set_num_threads(self.num_threads)
-        self.graph = self._compile_graph(
-            device, GRAPH_FILE, [*self.metadata.feature_map_size, self.metadata.embedding_dim])
-        self.defect_graph = (
-            self._compile_graph(device, DEFECT_GRAPH_FILE, [1, *self.metadata.image_size])
-            if self.metadata.segmentation_fusion > 0 else None
-        )
+        self.graph = self._compile_graph(device)
+        # With segmentation fusion the graph's second output weights the map; benchmarks and tests switch
+        # it off to see PatchCore's map of the same bundle.
+        self.fuse_defect_probability = self.metadata.segmentation_fusion > 0
         self.memory_bank = self._read_memory_bank()
         self.search: NearestNeighbourSearch = self._make_search(search)
         self.scoring = MemoryBankScoring(self.memory_bank, self.metadata.num_neighbors)
@@ -162,21 +170,27 @@ class ApcInferencer:
     def image_size(self) -> tuple[int, int]:
         return self.metadata.image_size
 
-    def _compile_graph(self, device: str, name: str, output_shape: list[int]) -> ov.CompiledModel:
-        """Read and compile one of the bundle's graphs, refusing one whose shapes disagree with the metadata."""
-        path = self.bundle / name
+    def _compile_graph(self, device: str) -> ov.CompiledModel:
+        """Read and compile the bundle's graph, refusing one whose shapes disagree with the metadata."""
+        path = self.bundle / GRAPH_FILE
         try:
             model = self.core.read_model(path)
         except RuntimeError as error:
             msg = f"{path}: OpenVINO cannot read this graph ({error})."
             raise InvalidInputError(msg) from error
         height, width = self.metadata.image_size
-        input_shape, graph_output = model.input(0).get_partial_shape(), model.output(0).get_partial_shape()
-        expected_input, expected_output = ov.PartialShape([-1, 3, height, width]), ov.PartialShape([-1, *output_shape])
-        if not input_shape.compatible(expected_input) or not graph_output.compatible(expected_output):
+        expected_outputs = [ov.PartialShape([-1, *self.metadata.feature_map_size, self.metadata.embedding_dim])]
+        if self.metadata.segmentation_fusion > 0:
+            expected_outputs.append(ov.PartialShape([-1, 1, height, width]))
+        expected_input = ov.PartialShape([-1, 3, height, width])
+        input_shape = model.input(0).get_partial_shape()
+        graph_outputs = [output.get_partial_shape() for output in model.outputs]
+        outputs_agree = len(graph_outputs) == len(expected_outputs) and all(
+            found.compatible(expected) for found, expected in zip(graph_outputs, expected_outputs, strict=True))
+        if not input_shape.compatible(expected_input) or not outputs_agree:
             msg = (
-                f"{path}: graph maps {input_shape} to {graph_output}, but the metadata says {expected_input} to "
-                f"{expected_output}; the bundle's files do not belong together, export it again."
+                f"{path}: graph maps {input_shape} to {graph_outputs}, but the metadata says {expected_input} to "
+                f"{expected_outputs}; the bundle's files do not belong together, export it again."
             )
             raise InvalidInputError(msg)
         config: dict[str, object] = {"INFERENCE_NUM_THREADS": self.num_threads, "PERFORMANCE_HINT": "LATENCY"}
@@ -271,15 +285,18 @@ class ApcInferencer:
 
     def embed(self, model_inputs: torch.Tensor) -> np.ndarray:
         """Patch rows ``(B, h, w, D)`` of pre-processed images, from the OpenVINO graph."""
-        return self.graph(_graph_input(model_inputs))[0]
+        return self.graph(_graph_input(model_inputs))[GRAPH_OUTPUT]
 
     def score(self, model_inputs: torch.Tensor) -> InferenceBatch:
         """Raw PatchCore scores ``(B,)`` and anomaly maps ``(B, 1, H, W)`` of pre-processed images.
 
         The same values as ``AnomalousPatchCoreModel`` returns in eval mode, before normalisation.
         """
-        graph_input = _graph_input(model_inputs)
-        patches = self.graph(graph_input)[0]
+        return self.score_graph_outputs(self.graph(_graph_input(model_inputs)))
+
+    def score_graph_outputs(self, outputs: Mapping[str, np.ndarray]) -> InferenceBatch:
+        """``score`` from the graph's outputs (by name), for callers that run the graph themselves (asynchronously)."""
+        patches = outputs[GRAPH_OUTPUT]
         batch_size, height, width, dim = patches.shape
         rows = patches.reshape(-1, dim)
         squared_distances, nearest_ids = self.search.nearest(rows)
@@ -287,8 +304,8 @@ class ApcInferencer:
         locations = torch.from_numpy(nearest_ids).reshape(batch_size, height * width)
         pred_score = self.scoring.image_scores(patch_scores, locations, torch.from_numpy(rows))
         anomaly_map = self.anomaly_map_generator(patch_scores.reshape(batch_size, 1, height, width), self.image_size)
-        if self.defect_graph is not None:  # segmentation_fusion: as AnomalousPatchCoreModel.forward
-            probability = torch.from_numpy(self.defect_graph(graph_input)[0])
+        if self.fuse_defect_probability:  # segmentation_fusion: as AnomalousPatchCoreModel.forward
+            probability = torch.from_numpy(outputs[DEFECT_PROBABILITY_OUTPUT])
             anomaly_map = anomaly_map * probability.pow(self.metadata.segmentation_fusion)
         return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
 
@@ -318,15 +335,65 @@ class ApcInferencer:
         prepared = self.prepare(images)
         with torch.no_grad():
             result = self.post_process(self.score(prepared.model_inputs))
-        paths = prepared.paths
-        return ImageBatch(
-            image=prepared.images,
-            image_path=[str(path) for path in paths] if all(path is not None for path in paths) else None,
-            pred_score=result.pred_score,
-            pred_label=result.pred_label,
-            anomaly_map=result.anomaly_map,
-            pred_mask=result.pred_mask,
-        )
+        return _image_batch(prepared, result)
+
+
+    def predict_pipelined(
+        self, batches: Iterable[list[ImageInput]], jobs: int = 0,
+    ) -> Iterator[ImageBatch | Exception]:
+        """``predict`` of each batch, in order, with the CNN of later batches running while earlier ones are searched.
+
+        The graph runs in an OpenVINO ``AsyncInferQueue`` of ``jobs`` requests (0: as many as the compiled
+        graph finds optimal), the search, scoring and post-processing in this thread. A batch that
+        cannot be read or pre-processed gives its exception in its place instead of stopping the run.
+        """
+        queue = ov.AsyncInferQueue(self.graph, jobs)
+        outputs: dict[int, dict[str, np.ndarray]] = {}
+        finished: dict[int, threading.Event] = {}
+
+        def store(request: ov.InferRequest, index: int) -> None:
+            outputs[index] = {output.get_any_name(): request.get_tensor(output).data.copy()
+                              for output in self.graph.outputs}
+            finished[index].set()
+
+        queue.set_callback(store)
+        pending: deque[tuple[int, PreparedImages | Exception]] = deque()
+
+        def finish() -> ImageBatch | Exception:
+            index, prepared = pending.popleft()
+            if isinstance(prepared, Exception):
+                return prepared
+            finished[index].wait()
+            with torch.no_grad():
+                result = self.post_process(self.score_graph_outputs(outputs.pop(index)))
+            return _image_batch(prepared, result)
+
+        for index, batch in enumerate(batches):
+            try:
+                prepared: PreparedImages | Exception = self.prepare(batch)
+            except Exception as error:  # reported in its batch's place; the other batches go on
+                prepared = error
+            else:
+                finished[index] = threading.Event()
+                queue.start_async(_graph_input(prepared.model_inputs), index)
+            pending.append((index, prepared))
+            while len(pending) > max(1, len(queue)):
+                yield finish()
+        while pending:
+            yield finish()
+
+
+def _image_batch(prepared: PreparedImages, result: InferenceBatch) -> ImageBatch:
+    """The ``ImageBatch`` that ``predict`` returns, of prepared images and their post-processed results."""
+    paths = prepared.paths
+    return ImageBatch(
+        image=prepared.images,
+        image_path=[str(path) for path in paths] if all(path is not None for path in paths) else None,
+        pred_score=result.pred_score,
+        pred_label=result.pred_label,
+        anomaly_map=result.anomaly_map,
+        pred_mask=result.pred_mask,
+    )
 
 
 def _graph_input(model_inputs: torch.Tensor) -> np.ndarray:

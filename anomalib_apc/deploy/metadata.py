@@ -25,7 +25,8 @@ from anomalib_apc.errors import InvalidInputError, MissingInputError
 BUNDLE_FORMAT = "anomalib-apc-bundle"
 # Version 2: SHA-256 of every file and the source checkpoint's identity. Version 4: the metadata sealed by
 # its own SHA-256, descriptive fields under ``provenance``, no ``normalization`` (the pre-processor is applied).
-BUNDLE_FORMAT_VERSION = 4
+# Version 5: one graph (a second output with segmentation fusion), the memory bank's source and compact codes.
+BUNDLE_FORMAT_VERSION = 5
 ARCHITECTURE = "AnomalousPatchCore"
 
 METADATA_FILE = "metadata.json"
@@ -34,12 +35,11 @@ MEMORY_BANK_FILE = "memory_bank.faiss"
 BOUND_PROJECTION_FILE = "bound_projection.npz"
 APPROXIMATE_INDEX_FILE = "approximate_index.faiss"
 
-DEFECT_GRAPH_FILE = "defect_probability.xml"
 CONTENT_DIGEST_FIELD = "content_sha256"
 
 GRAPH_INPUT = "images"
 GRAPH_OUTPUT = "patch_embeddings"
-DEFECT_GRAPH_OUTPUT = "defect_probability"
+DEFECT_PROBABILITY_OUTPUT = "defect_probability"
 
 
 @dataclass(frozen=True)
@@ -57,14 +57,14 @@ class BundleMetadata:
         post_processor: ``{"class_path", "config", "state"}`` of the anomalib post-processor (its
             thresholds and min/max statistics in ``state``), or ``None`` for raw scores.
         anomaly_map_sigma: Gaussian sigma of PatchCore's anomaly-map smoothing.
-        segmentation_fusion: Exponent of the defect probability (``defect_probability.xml``) that
-            weights the anomaly map; 0: PatchCore's map, and no such graph.
+        segmentation_fusion: Exponent of the defect probability (the graph's second output) that
+            weights the anomaly map; 0: PatchCore's map, and a graph with one output.
         exact_search: The lower bound that speeds up exact search (``{"file", "dim",
             "explained_variance", "candidates", "settled_fraction", "measured_speedup_vs_brute_force",
             "measured_on"}``), or ``None`` where it was no faster than brute force at export.
         approximate_search: ``{"file", "type", "factory", "search_parameters", "candidates",
-            "recall_at_1", "mean_relative_distance_error", "recall_queries", "recall_query_source"}``,
-            or ``None``.
+            "recall_at_1", "mean_relative_distance_error", "max_relative_distance_error", "bytes",
+            "recall_queries", "recall_query_source"}``, or ``None``.
         checksums: ``{file name: SHA-256}`` of every file but ``metadata.json``, checked at load.
         provenance: What made the bundle, driving nothing: ``backbone`` (timm name), ``layers``
             (memory-bank stages), ``versions`` (of the packages that wrote it), ``source_checkpoint``
@@ -95,8 +95,7 @@ class BundleMetadata:
 
     def files(self) -> list[str]:
         """The files of the bundle besides ``metadata.json``."""
-        graphs = [GRAPH_FILE, DEFECT_GRAPH_FILE] if self.segmentation_fusion > 0 else [GRAPH_FILE]
-        files = [name for graph in graphs for name in (graph, graph.replace(".xml", ".bin"))] + [MEMORY_BANK_FILE]
+        files = [GRAPH_FILE, GRAPH_FILE.replace(".xml", ".bin"), MEMORY_BANK_FILE]
         files += [search["file"] for search in (self.exact_search, self.approximate_search) if search]
         return files
 

@@ -6,10 +6,10 @@ and the inferencer means the parser does not have to import torch, OpenVINO and 
 
 from typing import Literal, get_args
 
-Precision = Literal["fp32", "fp16", "int8"]
+Precision = Literal["fp32", "fp16", "int8", "int8-acq"]
 PRECISIONS: tuple[Precision, ...] = get_args(Precision)
 
-ApproximateIndexType = Literal["hnsw", "ivf"]
+ApproximateIndexType = Literal["hnsw", "ivf", "pca"]
 APPROXIMATE_INDEX_TYPES: tuple[ApproximateIndexType, ...] = get_args(ApproximateIndexType)
 
 IndexType = Literal["flat", ApproximateIndexType]

@@ -18,7 +18,7 @@ id of a memory-bank row and the exact squared distance to it):
   the largest bound among the candidates exceeds that distance, as no other row can then be nearer;
   the few unsettled queries get the brute-force search. Results equal brute force (up to float
   rounding between rows at the same distance); only the time depends on the data.
-- ``ApproximateSearch``: an approximate faiss index (HNSW, IVF) proposes candidates, whose exact
+- ``ApproximateSearch``: a compact approximate faiss index (HNSW, IVF, PCA) proposes candidates, whose exact
   distances are then taken, so a miss costs a slightly larger score, never a wrong distance.
 
 This module is what the inferencer runs. Choosing, building and measuring these searches at export
@@ -196,17 +196,15 @@ class BoundedExactSearch:
 
 
 class ApproximateSearch:
-    """Candidates from an approximate faiss index, ranked by their exact distances (faiss ``IndexRefine``).
+    """Candidates from a compact approximate faiss index, ranked by their exact distances (faiss ``IndexRefine``).
 
-    ``IndexRefine`` over the bundle's exact ``IndexFlatL2`` asks the approximate index for
-    ``candidates`` rows per query and keeps the nearest by the exact distance. Against the former
-    re-ranking of the candidates by ``nearest_candidate`` it returned the same ids and bit-identical
-    distances on 2,048 queries of a 4,096 x 384 low-rank bank (HNSW and IVF recipes), in about the
-    same time (one thread on a shared two-core machine: HNSW 1.8 s against 1.6 s, IVF 0.47 s against
-    0.49 s; ``benchmarks/approximate_search_benchmark.py``), so faiss's class replaces the copy.
+    The index (HNSW or IVF over 8-bit rows, or a PCA projection) ranks by approximate distances;
+    ``IndexRefine`` over the bundle's exact ``IndexFlatL2`` asks it for ``candidates`` rows per query
+    and keeps the nearest by the exact distance, so the reported distance is always exact and a
+    miss can only make it larger.
 
     Args:
-        index: The approximate index (HNSW, IVF) over the memory bank, with its search parameters set.
+        index: The approximate index over the memory bank, with its search parameters set.
         memory_bank: The exact flat index over the same rows, in the same order.
         candidates: Candidates asked from the index per query.
     """

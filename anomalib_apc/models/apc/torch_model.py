@@ -187,10 +187,31 @@ class AnomalousPatchCoreModel(PatchcoreModel):
 
     def defect_probability(self, images: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
         """The segmentation head's defect probability ``(B, 1, *size)`` (bilinear to the anomaly map's size)."""
+        self._require_segmentation_head()
+        return self._defect_probability_of(self.feature_extractor.forward_all_stages(images), size)
+
+    def embedding_map_and_defect_probability(
+        self, images: torch.Tensor, size: Sequence[int],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``embedding_map`` and ``defect_probability`` from one pass through the encoder.
+
+        The memory-bank stages are among the stages the decoder reads, so a deployed model with
+        ``segmentation_fusion`` needs the encoder once, not once per output.
+        """
+        self._require_segmentation_head()
+        stages = self.feature_extractor.forward_all_stages(images)
+        encoder = self.feature_extractor
+        features = {layer: stages[index] for layer, index in zip(encoder.memory_bank_layers,
+                                                                  encoder.memory_bank_indices, strict=True)}
+        return self._embedding_of(features), self._defect_probability_of(stages, size)
+
+    def _require_segmentation_head(self) -> None:
         if self.finetune_network is None or "segmentation" not in self.finetune_network.heads:
             msg = "This model has no segmentation head (tasks without 'segmentation')."
             raise RuntimeError(msg)
-        logits = self.finetune_network.segmentation_logits(self.feature_extractor.forward_all_stages(images))
+
+    def _defect_probability_of(self, stages: Sequence[torch.Tensor], size: Sequence[int]) -> torch.Tensor:
+        logits = self.finetune_network.segmentation_logits(stages)
         return torch.sigmoid(nn.functional.interpolate(logits, size=tuple(size), mode="bilinear"))
 
     def finetune_forward(self, images: torch.Tensor) -> FineTuneOutput:
@@ -202,7 +223,9 @@ class AnomalousPatchCoreModel(PatchcoreModel):
 
     def embedding_map(self, images: torch.Tensor) -> torch.Tensor:
         """Locally aware patch features ``(B, D, h, w)``: 3x3-pooled memory-bank stages, upsampled and joined."""
-        features = self.feature_extractor(images)
+        return self._embedding_of(self.feature_extractor(images))
+
+    def _embedding_of(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         pooled = {layer: self.feature_pooler(feature) for layer, feature in features.items()}
         return self.generate_embedding(pooled)
 
