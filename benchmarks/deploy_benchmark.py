@@ -97,8 +97,8 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--work-dir", type=Path, help="where exports go (default: a temporary folder)")
     parser.add_argument("--int8", action="store_true", help="add the INT8 contestants (needs nncf)")
     parser.add_argument("--int8-acq", action="store_true", help="add the accuracy-controlled INT8 bundle")
-    parser.add_argument("--compact-index", choices=APPROXIMATE_INDEX_TYPES, default="hnsw",
-                        help="compact index of the 'bundle int8 + index' contestant (default hnsw)")
+    parser.add_argument("--compact-index", choices=APPROXIMATE_INDEX_TYPES, nargs="+", default=["hnsw"],
+                        help="compact indexes, one 'bundle int8 + index' contestant each (default hnsw)")
     parser.add_argument("--calibration-images", type=int, default=300,
                         help="normal training images INT8 calibration reads at most (default 300)")
     parser.add_argument("--accuracy", action="store_true",
@@ -203,9 +203,9 @@ def int8_bundles(args: argparse.Namespace) -> list[tuple[str, dict]]:
     calibration = {"calibration_images": calibration_folder(args), "max_calibration_images": args.calibration_images}
     bundles = []
     if args.int8:
-        bundles += [("bundle int8", {"precision": "int8", **calibration}),
-                    (f"bundle int8 + {args.compact_index}", {"precision": "int8", "index": args.compact_index,
-                                                              **calibration})]
+        bundles.append(("bundle int8", {"precision": "int8", **calibration}))
+        bundles += [(f"bundle int8 + {index}", {"precision": "int8", "index": index, **calibration})
+                    for index in args.compact_index]
     if args.int8_acq:
         bundles.append(("bundle int8-acq", {"precision": "int8-acq", "validation_images": args.category_dir / "test",
                                             **calibration}))

@@ -178,21 +178,41 @@ def test_bounded_exact_search_equals_brute_force_on_bundle_patches(inferencer: A
     assert (ids == exact_ids).mean() > 0.99  # rows at the same distance may swap under float rounding
 
 
-def test_bounded_search_falls_back_to_brute_force_where_the_bound_is_loose() -> None:
+def _low_rank_rows(noise: float) -> tuple[faiss.IndexFlatL2, np.ndarray, np.ndarray]:
+    """A 500-row bank and 300 queries: rank-4 rows of 32 features plus Gaussian noise."""
     rng = np.random.default_rng(0)
-    # Low-rank rows plus noise: a 4-axis bound settles some queries, not all.
     basis = rng.standard_normal((4, 32)).astype(np.float32)
-    bank = (rng.standard_normal((500, 4)) @ basis + 0.5 * rng.standard_normal((500, 32))).astype(np.float32)
-    queries = (rng.standard_normal((300, 4)) @ basis + 0.5 * rng.standard_normal((300, 32))).astype(np.float32)
+    bank = (rng.standard_normal((500, 4)) @ basis + noise * rng.standard_normal((500, 32))).astype(np.float32)
+    queries = (rng.standard_normal((300, 4)) @ basis + noise * rng.standard_normal((300, 32))).astype(np.float32)
     index = faiss.IndexFlatL2(32)
     index.add(bank)
-    search = BoundedExactSearch(index, BoundProjection.fit(bank, max_dim=4), candidates=4)
+    return index, bank, queries
+
+
+def _assert_exact(search: BoundedExactSearch, bank: np.ndarray, queries: np.ndarray) -> None:
     distances, ids = search.nearest(queries)
-    assert 0 < search.settled_fraction < 1
     exact = ((queries[:, None, :] - bank[None]) ** 2).sum(-1)
     np.testing.assert_array_equal(ids, exact.argmin(1))
     np.testing.assert_allclose(distances, exact.min(1), rtol=1e-5)
-    np.testing.assert_array_equal(BruteForceSearch(index).nearest(queries)[1], ids)
+
+
+def test_bounded_search_falls_back_to_brute_force_where_the_bound_is_loose() -> None:
+    # Noisy low-rank rows: a 4-axis bound settles some queries even with the wider round, not all.
+    index, bank, queries = _low_rank_rows(noise=1.0)
+    search = BoundedExactSearch(index, BoundProjection.fit(bank, max_dim=4), candidates=4)
+    _assert_exact(search, bank, queries)
+    assert 0 < search.settled_fraction < 1
+    np.testing.assert_array_equal(BruteForceSearch(index).nearest(queries)[1], search.nearest(queries)[1])
+
+
+def test_a_wider_second_round_settles_what_the_first_leaves(monkeypatch: pytest.MonkeyPatch) -> None:
+    index, bank, queries = _low_rank_rows(noise=0.5)
+    search = BoundedExactSearch(index, BoundProjection.fit(bank, max_dim=4), candidates=4)
+    _assert_exact(search, bank, queries)
+    assert search.settled_fraction == 1.0
+    monkeypatch.setattr("anomalib_apc.deploy.search.WIDER_ROUND_FACTOR", 1)  # the first round alone
+    _assert_exact(search, bank, queries)
+    assert search.settled_fraction < 0.5
 
 
 def test_approximate_index_records_its_recall(trained, tmp_path: Path, tiny_dataset, test_images) -> None:

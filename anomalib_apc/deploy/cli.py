@@ -51,6 +51,10 @@ def run_export_bundle(args: argparse.Namespace) -> int:
     metadata = read_metadata(directory)
     print(f"Bundle written to {directory}: {metadata.provenance['backbone']} {metadata.precision}, "
           f"input {metadata.image_size}, memory bank {metadata.memory_bank_size} x {metadata.embedding_dim}.")
+    memory_bank = metadata.provenance["memory_bank"]
+    if metadata.precision.startswith("int8"):
+        print(f"Memory bank from the {memory_bank['source']} ({memory_bank['rows_found']} of "
+              f"{metadata.memory_bank_size} rows found among the calibration patches).")
     if metadata.approximate_search:
         search = metadata.approximate_search
         print(f"{search['type']} index ({search['bytes'] / 2**20:.1f} MiB): recall@1 {search['recall_at_1']:.4f} "

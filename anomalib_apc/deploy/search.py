@@ -16,7 +16,8 @@ id of a memory-bank row and the exact squared distance to it):
   ``[Pa, ||Ra||]``. A flat search in that small space gives each query the ``candidates`` rows with
   the smallest bounds; their exact distances give the nearest of them. The query is settled when
   the largest bound among the candidates exceeds that distance, as no other row can then be nearer;
-  the few unsettled queries get the brute-force search. Results equal brute force (up to float
+  the queries left unsettled get a second round with 16 times the candidates, and those still
+  unsettled the brute-force search. Results equal brute force (up to float
   rounding between rows at the same distance); only the time depends on the data.
 - ``ApproximateSearch``: a compact approximate faiss index (HNSW, IVF, PCA) proposes candidates, whose exact
   distances are then taken, so a miss costs a slightly larger score, never a wrong distance.
@@ -35,6 +36,8 @@ import torch
 # Float32 rounding of a squared distance computed as |x|^2 + |m|^2 - 2 x.m is a few ulps of the
 # norms; a bound must beat the best exact distance by this fraction of them to settle a query.
 BOUND_ROUNDING_MARGIN = 1e-5
+# Candidates of the second round of the bounded search, as a multiple of the first round's.
+WIDER_ROUND_FACTOR = 16
 
 
 class NearestNeighbourSearch(Protocol):
@@ -182,16 +185,25 @@ class BoundedExactSearch:
     def nearest(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         query_bounds = self.projection.bound_vectors(queries)
-        bounds, ids = self.bound_index.search(query_bounds, self.candidates)
-        distances, nearest_ids = nearest_candidate(queries, self.vectors, ids)
-        if self.candidates >= self.bound_index.ntotal:  # every row was a candidate
-            self.settled_fraction = 1.0
-            return distances, nearest_ids
-        margin = BOUND_ROUNDING_MARGIN * (np.square(query_bounds).sum(axis=1) + self.largest_bank_norm)
-        unsettled = bounds[:, -1] - margin < distances
-        if unsettled.any():
-            distances[unsettled], nearest_ids[unsettled] = self.brute_force.nearest(queries[unsettled])
-        self.settled_fraction = 1.0 - float(unsettled.mean()) if len(queries) else 1.0
+        margins = BOUND_ROUNDING_MARGIN * (np.square(query_bounds).sum(axis=1) + self.largest_bank_norm)
+        distances = np.empty(len(queries), dtype=np.float32)
+        nearest_ids = np.empty(len(queries), dtype=np.int64)
+        pending = np.arange(len(queries))
+        # A second, wider round settles most of what the first leaves (features with quantisation noise
+        # spread their variance over more directions); brute force over all rows is the last resort.
+        for candidates in (self.candidates, WIDER_ROUND_FACTOR * self.candidates):
+            candidates = min(candidates, self.bound_index.ntotal)
+            bounds, ids = self.bound_index.search(query_bounds[pending], candidates)
+            distances[pending], nearest_ids[pending] = nearest_candidate(queries[pending], self.vectors, ids)
+            if candidates >= self.bound_index.ntotal:  # every row was a candidate
+                pending = pending[:0]
+                break
+            pending = pending[bounds[:, -1] - margins[pending] < distances[pending]]
+            if not len(pending):
+                break
+        if len(pending):
+            distances[pending], nearest_ids[pending] = self.brute_force.nearest(queries[pending])
+        self.settled_fraction = 1.0 - len(pending) / len(queries) if len(queries) else 1.0
         return distances, nearest_ids
 
 
