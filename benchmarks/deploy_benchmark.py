@@ -12,8 +12,9 @@ anomaly map, normalisation and labels.
   lower bound of ``anomalib_apc.deploy.search``.
 - ``bundle brute force``: the same bundle with ``search="brute_force"`` (faiss ``IndexFlatL2`` over every row).
 - with ``--segmentation-fusion W``, the model has a segmentation head (untrained: the time is the same)
-  whose defect probability weights the map, and the bundle's graph a second output; ``bundle, map
-  unfused`` is that bundle with the fusion switched off, which gives the cost of the fusion.
+  whose defect probability weights the map, and the bundle's graph a second output; ``bundle without
+  fusion`` is the same model exported without it (a graph that stops at the deepest memory-bank
+  stage), which gives the cost of the fusion.
 - with ``--int8``: ``anomalib openvino int8`` (anomalib's export with nncf post-training quantisation,
   ``CompressionType.INT8_PTQ``, calibrated on the datamodule's validation images as anomalib does),
   ``bundle int8`` (nncf calibrated on the normal training images, memory bank recomputed by the
@@ -158,10 +159,11 @@ def run(args: argparse.Namespace, work_dir: Path) -> dict:
     contestants["bundle"] = bundle_contestant(inferencer)
     contestants["bundle brute force"] = bundle_contestant(
         ApcInferencer(bundle, num_threads=args.threads, search="brute_force"))
-    if args.segmentation_fusion:
-        unfused = ApcInferencer(bundle, num_threads=args.threads)
-        unfused.fuse_defect_probability = False
-        contestants["bundle, map unfused"] = bundle_contestant(unfused)
+    if args.segmentation_fusion:  # the cost of the fusion: the same model exported without it
+        model.model.segmentation_fusion = 0.0
+        plain = export_bundle(model, work_dir / "bundle_without_fusion")
+        model.model.segmentation_fusion = args.segmentation_fusion
+        contestants["bundle without fusion"] = bundle_contestant(ApcInferencer(plain, num_threads=args.threads))
     for name, options in int8_bundles(args):
         started = time.perf_counter()
         path = export_bundle(model, work_dir / name.replace(" ", "_"), **options)

@@ -70,7 +70,7 @@ def test_deploy_benchmark_runs_and_checks_parity(tiny_dataset, tmp_path: Path) -
         str(tiny_dataset.category_dir), "--work-dir", str(tmp_path), "--json", str(tmp_path / "m"),
     )
     measured = _measured(tmp_path / "m")
-    assert set(measured["ms_per_image"]["1"]) == {"torch", "bundle", "bundle brute force", "bundle, map unfused"}
+    assert set(measured["ms_per_image"]["1"]) == {"torch", "bundle", "bundle brute force", "bundle without fusion"}
     assert measured["speed_up_vs_torch"]["1"]["torch"] == 1.0
     assert measured["parity"]["labels_equal"] is True and measured["parity"]["images"] >= 4
     assert set(measured["bundle_batch_1_ms"]) == {"CNN (OpenVINO)", "search", "everything (predict)"}
