@@ -18,7 +18,8 @@ anomaly map, normalisation and labels.
 - with ``--int8``: ``anomalib openvino int8`` (anomalib's export with nncf post-training quantisation,
   ``CompressionType.INT8_PTQ``, calibrated on the datamodule's validation images as anomalib does),
   ``bundle int8`` (nncf calibrated on the normal training images, memory bank recomputed by the
-  quantised graph) and ``bundle int8 + <index>`` (the same with a compact approximate index), and
+  quantised graph), ``bundle int8, float bank`` (the control: the float model's memory bank searched
+  with INT8 queries) and ``bundle int8 + <index>`` (the same with a compact approximate index), and
   ``--int8-acq`` adds ``bundle int8-acq`` (accuracy control against the labelled test images).
 
 With ``--category-dir`` and ``--accuracy``, every contestant also scores every test image of the
@@ -205,7 +206,8 @@ def int8_bundles(args: argparse.Namespace) -> list[tuple[str, dict]]:
     calibration = {"calibration_images": calibration_folder(args), "max_calibration_images": args.calibration_images}
     bundles = []
     if args.int8:
-        bundles.append(("bundle int8", {"precision": "int8", **calibration}))
+        bundles += [("bundle int8", {"precision": "int8", **calibration}),
+                    ("bundle int8, float bank", {"precision": "int8", "recompute_memory_bank": False, **calibration})]
         bundles += [(f"bundle int8 + {index}", {"precision": "int8", "index": index, **calibration})
                     for index in args.compact_index]
     if args.int8_acq:

@@ -85,7 +85,7 @@ def test_deploy_benchmark_measures_int8_accuracy_on_every_test_image(tiny_datase
         "--json", str(tmp_path / "m"),
     )
     accuracy = _measured(tmp_path / "m")["accuracy"]
-    assert set(accuracy) == {"torch", "bundle", "bundle int8", "bundle int8 + ivf"}
+    assert set(accuracy) == {"torch", "bundle", "bundle int8", "bundle int8, float bank", "bundle int8 + ivf"}
     # the FP32 bundle reproduces the PyTorch model, so their figures agree to rounding
     for metric in ("image_auroc", "pixel_auroc", "aupro", "labels_equal_to_fp32_bundle"):
         assert accuracy["torch"][metric] == pytest.approx(accuracy["bundle"][metric], abs=0.01)

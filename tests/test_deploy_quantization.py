@@ -115,6 +115,17 @@ def test_int8_memory_bank_is_recomputed_by_the_quantised_graph(
     assert not np.allclose(shipped, float_bank, rtol=0, atol=1e-4)
 
 
+def test_int8_ships_the_float_memory_bank_when_asked(int8_bundle: Path, model: AnomalousPatchCore, datamodule,
+                                                     tmp_path: Path) -> None:
+    bundle = export_bundle(model, tmp_path / "float_bank", precision="int8", datamodule=datamodule,
+                           recompute_memory_bank=False)
+    assert read_metadata(bundle).provenance["memory_bank"]["source"] == "float model"
+    np.testing.assert_array_equal(_shipped_memory_bank(bundle), model.model.memory_bank.numpy())
+    # the same quantised graph as the recomputed bundle's: only the memory bank differs
+    assert (bundle / GRAPH_FILE.replace(".xml", ".bin")).read_bytes() == (
+        int8_bundle / GRAPH_FILE.replace(".xml", ".bin")).read_bytes()
+
+
 def test_int8_keeps_the_float_memory_bank_when_calibrated_on_other_images(
     model: AnomalousPatchCore, tiny_dataset, tmp_path: Path,
 ) -> None:

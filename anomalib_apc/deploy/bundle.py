@@ -53,7 +53,7 @@ from .inferencer import ApcInferencer
 from .metadata import GRAPH_FILE, MEMORY_BANK_FILE, METADATA_FILE, BundleMetadata
 from .options import INDEX_TYPES, PRECISIONS, IndexType, Precision
 from .parity import compare_with_model
-from .quantization import DeployedMemoryBank, quantize_graph, recompute_memory_bank, require_nncf
+from .quantization import DeployedMemoryBank, quantize_graph, recomputed_memory_bank, require_nncf
 from .search_export import export_approximate_index, export_bound
 
 logger = logging.getLogger(__name__)
@@ -73,6 +73,7 @@ def export_bundle(
     max_calibration_images: int = 300,
     validation_images: str | Path | None = None,
     max_drop: float = 0.005,
+    recompute_memory_bank: bool = True,
     overwrite: bool = False,
 ) -> Path:
     """Write a deployment bundle of a trained model.
@@ -94,6 +95,8 @@ def export_bundle(
         validation_images: For ``int8-acq``: a folder whose ``good`` subfolder holds normal images and
             whose other subfolders hold defective ones (anomalib's ``test`` layout).
         max_drop: For ``int8-acq``: the largest loss of validation image AUROC (0 .. 1) allowed.
+        recompute_memory_bank: For INT8: recompute the memory bank with the quantised graph (off: ship
+            the float model's bank, the control that shows what the recomputation is worth).
         overwrite: Replace an existing non-empty ``output`` folder.
 
     Returns:
@@ -147,7 +150,8 @@ def export_bundle(
     memory_bank = DeployedMemoryBank.of_float_model(torch_model)
     if precision.startswith("int8"):
         ov_model = quantize_graph(ov_model, precision, model_inputs, torch_model, validation, max_drop)
-        memory_bank = recompute_memory_bank(torch_model, ov.Core().compile_model(ov_model, "CPU"), model_inputs)
+        if recompute_memory_bank:
+            memory_bank = recomputed_memory_bank(torch_model, ov.Core().compile_model(ov_model, "CPU"), model_inputs)
     ov.save_model(ov_model, directory / GRAPH_FILE, compress_to_fp16=precision == "fp16")
 
     exact_index = faiss.IndexFlatL2(memory_bank.rows.shape[1])

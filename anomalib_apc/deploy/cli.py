@@ -29,6 +29,8 @@ def add_export_bundle_arguments(parser: argparse.ArgumentParser) -> None:
                         help="for int8-acq: folder with good/ (normal) and defect subfolders, as an MVTec test folder")
     parser.add_argument("--max-drop", type=float, default=0.005,
                         help="for int8-acq: largest loss of validation image AUROC, 0..1 (default 0.005)")
+    parser.add_argument("--keep-float-memory-bank", action="store_true",
+                        help="INT8: ship the float model's memory bank instead of recomputing it with the INT8 graph")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing bundle in --output")
 
 
@@ -46,6 +48,7 @@ def run_export_bundle(args: argparse.Namespace) -> int:
         max_calibration_images=args.max_calibration_images,
         validation_images=args.validation_images,
         max_drop=args.max_drop,
+        recompute_memory_bank=not args.keep_float_memory_bank,
         overwrite=args.overwrite,
     )
     metadata = read_metadata(directory)

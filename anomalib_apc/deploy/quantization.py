@@ -159,7 +159,7 @@ class DeployedMemoryBank:
 
 
 @torch.no_grad()
-def recompute_memory_bank(
+def recomputed_memory_bank(
     torch_model: AnomalousPatchCoreModel, quantised: ov.CompiledModel, calibration_inputs: torch.Tensor,
 ) -> DeployedMemoryBank:
     """Replace every memory-bank row by the quantised graph's row of the same calibration patch (module docstring)."""
