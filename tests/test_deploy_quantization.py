@@ -115,6 +115,20 @@ def test_int8_memory_bank_is_recomputed_by_the_quantised_graph(
     assert not np.allclose(shipped, float_bank, rtol=0, atol=1e-4)
 
 
+def test_int8_recomputes_repeated_memory_bank_rows_too(model: AnomalousPatchCore, datamodule, tmp_path: Path) -> None:
+    """A bank holding a row twice (flat background sampled twice): each calibration patch finds one of them."""
+    original = model.model.memory_bank
+    model.model.memory_bank = torch.cat([original, original[:5]])
+    try:
+        bundle = export_bundle(model, tmp_path / "repeated", precision="int8", datamodule=datamodule)
+    finally:
+        model.model.memory_bank = original
+    memory = read_metadata(bundle).provenance["memory_bank"]
+    assert (memory["source"], memory["rows_found"]) == ("quantised graph", len(original) + 5)
+    shipped = _shipped_memory_bank(bundle)
+    np.testing.assert_array_equal(shipped[-5:], shipped[:5])
+
+
 def test_int8_ships_the_float_memory_bank_when_asked(int8_bundle: Path, model: AnomalousPatchCore, datamodule,
                                                      tmp_path: Path) -> None:
     bundle = export_bundle(model, tmp_path / "float_bank", precision="int8", datamodule=datamodule,

@@ -11,7 +11,8 @@ A memory bank of float features searched with INT8 queries mixes two arithmetics
 carries the quantisation error of the query alone, the same for normal and defective patches. The
 bank is therefore recomputed by the quantised graph: each memory-bank row is a patch of a normal
 training image (the coreset keeps rows, it does not average them), so the row is found among the
-float patches of the calibration images and replaced by the quantised graph's row of the same patch.
+float patches of the calibration images and replaced by the quantised graph's row of the same patch
+(rows equal to each other, flat background sampled more than once, share the value found for one).
 Where not every row is found (calibration images other than the training images), the float bank is
 kept and the metadata says so.
 
@@ -178,6 +179,7 @@ def recomputed_memory_bank(
         quantised_rows = quantised(image[None].numpy())[0].reshape(len(float_rows), -1)
         recomputed[ids[same]] = quantised_rows[same]
         found[ids[same]] = True
+    _copy_to_duplicates(float_bank, recomputed, found, tolerance)
     if not found.all():
         logger.warning("INT8: %d of %d memory-bank rows are not patches of the calibration images; the bundle keeps "
                        "the float memory bank (calibrate on the training images to recompute it).",
@@ -188,6 +190,23 @@ def recomputed_memory_bank(
     logger.info("INT8: memory bank recomputed by the quantised graph (rows moved by %.2f %% on average).",
                 100 * change.mean())
     return DeployedMemoryBank(recomputed, QUANTISED_GRAPH, len(found), float(change.mean()))
+
+
+def _copy_to_duplicates(
+    float_bank: np.ndarray, recomputed: np.ndarray, found: np.ndarray, tolerance: np.ndarray,
+) -> None:
+    """Give rows equal to a found row (a bank sampled with repeats: flat background) that row's quantised value.
+
+    Each calibration patch finds one nearest row, so of several equal rows only one is ever found.
+    """
+    missing = np.flatnonzero(~found)
+    if not len(missing) or not found.any():
+        return
+    found_ids = np.flatnonzero(found)
+    squared, nearest = _exact_search(float_bank[found_ids]).nearest(float_bank[missing])
+    equal = squared <= tolerance[missing]
+    recomputed[missing[equal]] = recomputed[found_ids[nearest[equal]]]
+    found[missing[equal]] = True
 
 
 def _exact_search(rows: np.ndarray) -> BruteForceSearch:
