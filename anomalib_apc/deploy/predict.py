@@ -94,8 +94,9 @@ def predict_folder(
         overwrite: Replace the ``scores.csv`` and ``overlays/`` of an earlier run in ``output``.
         show_progress: Show a progress bar.
         throughput: Run the CNN of the next batches while a batch is searched and written (OpenVINO
-            ``AsyncInferQueue``, compiled with the throughput hint unless ``ov_config`` sets one): more
-            images per second over a folder, the same rows.
+            ``AsyncInferQueue``, compiled with the throughput hint unless ``ov_config`` sets one): the
+            same rows; it pays where one request leaves cores idle (on two cores it gave 4.7-4.8
+            against 5.0-5.1 images/s sequentially, ResNet-50 at 256 px).
         ov_config: OpenVINO properties for the compiled graph (see ``ApcInferencer``).
 
     Returns:
