@@ -18,9 +18,7 @@ The result is an anomalib ``ImageBatch``, which anomalib's visualizer and metric
 import importlib
 import logging
 import os
-import threading
-from collections import deque
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -285,14 +283,14 @@ class ApcInferencer:
 
     def embed(self, model_inputs: torch.Tensor) -> np.ndarray:
         """Patch rows ``(B, h, w, D)`` of pre-processed images, from the OpenVINO graph."""
-        return self.graph(_graph_input(model_inputs))[GRAPH_OUTPUT]
+        return self.graph(graph_input(model_inputs))[GRAPH_OUTPUT]
 
     def score(self, model_inputs: torch.Tensor) -> InferenceBatch:
         """Raw PatchCore scores ``(B,)`` and anomaly maps ``(B, 1, H, W)`` of pre-processed images.
 
         The same values as ``AnomalousPatchCoreModel`` returns in eval mode, before normalisation.
         """
-        return self.score_graph_outputs(self.graph(_graph_input(model_inputs)))
+        return self.score_graph_outputs(self.graph(graph_input(model_inputs)))
 
     def score_graph_outputs(self, outputs: Mapping[str, np.ndarray]) -> InferenceBatch:
         """``score`` from the graph's outputs (by name), for callers that run the graph themselves (asynchronously)."""
@@ -335,55 +333,10 @@ class ApcInferencer:
         prepared = self.prepare(images)
         with torch.no_grad():
             result = self.post_process(self.score(prepared.model_inputs))
-        return _image_batch(prepared, result)
+        return image_batch(prepared, result)
 
 
-    def predict_pipelined(
-        self, batches: Iterable[list[ImageInput]], jobs: int = 0,
-    ) -> Iterator[ImageBatch | Exception]:
-        """``predict`` of each batch, in order, with the CNN of later batches running while earlier ones are searched.
-
-        The graph runs in an OpenVINO ``AsyncInferQueue`` of ``jobs`` requests (0: as many as the compiled
-        graph finds optimal), the search, scoring and post-processing in this thread. A batch that
-        cannot be read or pre-processed gives its exception in its place instead of stopping the run.
-        """
-        queue = ov.AsyncInferQueue(self.graph, jobs)
-        outputs: dict[int, dict[str, np.ndarray]] = {}
-        finished: dict[int, threading.Event] = {}
-
-        def store(request: ov.InferRequest, index: int) -> None:
-            outputs[index] = {output.get_any_name(): request.get_tensor(output).data.copy()
-                              for output in self.graph.outputs}
-            finished[index].set()
-
-        queue.set_callback(store)
-        pending: deque[tuple[int, PreparedImages | Exception]] = deque()
-
-        def finish() -> ImageBatch | Exception:
-            index, prepared = pending.popleft()
-            if isinstance(prepared, Exception):
-                return prepared
-            finished[index].wait()
-            with torch.no_grad():
-                result = self.post_process(self.score_graph_outputs(outputs.pop(index)))
-            return _image_batch(prepared, result)
-
-        for index, batch in enumerate(batches):
-            try:
-                prepared: PreparedImages | Exception = self.prepare(batch)
-            except Exception as error:  # reported in its batch's place; the other batches go on
-                prepared = error
-            else:
-                finished[index] = threading.Event()
-                queue.start_async(_graph_input(prepared.model_inputs), index)
-            pending.append((index, prepared))
-            while len(pending) > max(1, len(queue)):
-                yield finish()
-        while pending:
-            yield finish()
-
-
-def _image_batch(prepared: PreparedImages, result: InferenceBatch) -> ImageBatch:
+def image_batch(prepared: PreparedImages, result: InferenceBatch) -> ImageBatch:
     """The ``ImageBatch`` that ``predict`` returns, of prepared images and their post-processed results."""
     paths = prepared.paths
     return ImageBatch(
@@ -396,6 +349,6 @@ def _image_batch(prepared: PreparedImages, result: InferenceBatch) -> ImageBatch
     )
 
 
-def _graph_input(model_inputs: torch.Tensor) -> np.ndarray:
+def graph_input(model_inputs: torch.Tensor) -> np.ndarray:
     """Pre-processed images as the OpenVINO graphs take them: a contiguous float32 array."""
     return np.ascontiguousarray(model_inputs.numpy(), dtype=np.float32)

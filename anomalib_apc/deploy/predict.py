@@ -35,6 +35,7 @@ from .images import ImageReadError, list_image_files, read_image_file
 from .inferencer import ApcInferencer
 from .options import OVERLAY_DIR, SCORES_FILE, SearchMode
 from .output_lock import LOCK_FILE, locked_output
+from .pipelined import predict_pipelined
 
 PARTIAL_SCORES_FILE = f".{SCORES_FILE}.partial"
 SCORE_COLUMNS = ("path", "status", "score", "label", "overlay")
@@ -171,7 +172,7 @@ def _results(
             consumed.append(batch)
             yield batch.images
 
-    for result in inferencer.predict_pipelined(images()):
+    for result in predict_pipelined(inferencer, images()):
         batch = consumed.popleft()
         if isinstance(result, Exception):  # scored again, image by image, so that only the culprit fails
             yield batch, _scored(inferencer, batch.readable, batch.images)
