@@ -24,7 +24,7 @@ from anomalib_apc.deploy.images import list_image_files, read_image_file
 from anomalib_apc.deploy.metadata import GRAPH_FILE, GRAPH_OUTPUT, MEMORY_BANK_FILE
 from anomalib_apc.deploy.options import APPROXIMATE_INDEX_TYPES
 from anomalib_apc.deploy.search import BruteForceSearch, flat_vectors
-from anomalib_apc.deploy.search_export import measure_recall
+from anomalib_apc.deploy.search_export import measure_recall, row_chunks
 from anomalib_apc.errors import InvalidInputError, MissingInputError
 from anomalib_apc.models import AnomalousPatchCore
 from anomalib_apc.models.apc.normal_images import normal_training_images
@@ -193,7 +193,7 @@ def test_compact_index_recall_size_and_scores(
     approximate, exact = ApcInferencer(bundle), ApcInferencer(bundle, search="brute_force")
     patches = approximate.embed(approximate.prepare(test_images).model_inputs)
     queries = np.ascontiguousarray(patches.reshape(-1, patches.shape[-1]))
-    report = measure_recall(approximate.search, exact.search, queries, "test patches")
+    report = measure_recall(approximate.search, exact.search, row_chunks(queries), "test patches")
     assert report.recall_at_1 > 0.8, report
     assert report.max_relative_distance_error >= 0
     found, _ = approximate.search.nearest(queries)
@@ -202,6 +202,48 @@ def test_compact_index_recall_size_and_scores(
     exact_scores = _raw_scores(exact, test_images)
     difference = (_raw_scores(approximate, test_images) - exact_scores).abs() / exact_scores
     assert difference.max() <= 2 * report.max_relative_distance_error + 1e-5
+
+
+def test_recall_is_measured_on_validation_images_when_given(
+    model: AnomalousPatchCore, datamodule, tiny_dataset, test_images: torch.Tensor, tmp_path: Path,
+) -> None:
+    """Not on the memory bank's own images: the recorded figures are those of every validation patch."""
+    validation = tiny_dataset.category_dir / "test"
+    bundle = export_bundle(model, tmp_path / "hnsw", index="hnsw", datamodule=datamodule, validation_images=validation)
+    metadata = read_metadata(bundle)
+    search = metadata.approximate_search
+    assert search["recall_query_source"] == "validation image patches"
+    assert metadata.exact_search is None or metadata.exact_search["measured_on"] == "validation image patches"
+    approximate, exact = ApcInferencer(bundle), ApcInferencer(bundle, search="brute_force")
+    # the test folder is the validation folder; fewer patches than the sample's limit, so all of them
+    patches = approximate.embed(approximate.prepare(test_images).model_inputs)
+    queries = np.ascontiguousarray(patches.reshape(-1, patches.shape[-1]))
+    assert search["recall_queries"] == len(queries)
+    reference = measure_recall(approximate.search, exact.search, row_chunks(queries), "validation patches")
+    assert search["recall_at_1"] == pytest.approx(reference.recall_at_1, abs=2 / len(queries))
+    assert search["max_relative_distance_error"] == pytest.approx(reference.max_relative_distance_error, abs=1e-3)
+
+
+class _FixedAnswers:
+    """A search that answers with given distances and ids, whatever the queries."""
+
+    def __init__(self, squared_distances: list[float], ids: list[int]) -> None:
+        self.answer = (np.array(squared_distances, dtype=np.float32)[:, None], np.array(ids)[:, None])
+
+    def nearest(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.answer
+
+
+def test_recall_report_by_hand() -> None:
+    """A miss on a query that duplicates a bank row counts against recall, not in the relative error; an
+    equally near row (another copy) counts as found."""
+    exact = _FixedAnswers([1e-12, 4.0, 9.0, 16.0, 4.0], [0, 1, 2, 3, 7])
+    approximate = _FixedAnswers([1.0, 4.0, 25.0, 16.0, 4.0], [5, 1, 6, 3, 8])
+    report = measure_recall(approximate, exact, [np.zeros((5, 2))], "by hand")
+    assert report.recall_at_1 == 3 / 5
+    assert report.max_relative_distance_error == pytest.approx(5 / 3 - 1)  # distance 5 found for 3
+    assert report.mean_relative_distance_error == pytest.approx((1 + 2 + 5 + 4 + 2) / (1e-6 + 2 + 3 + 4 + 2) - 1)
+    assert report.queries == 5
 
 
 def test_hnsw_and_ivf_store_the_bank_in_fewer_bytes(model: AnomalousPatchCore, datamodule, tmp_path: Path) -> None:

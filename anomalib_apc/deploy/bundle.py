@@ -45,7 +45,7 @@ from anomalib_apc import __version__
 from anomalib_apc.errors import InvalidInputError, OutputExistsError, check_choice
 from anomalib_apc.models import AnomalousPatchCore
 
-from .calibration import query_patches, read_calibration_images, read_validation_images
+from .calibration import read_calibration_images, read_validation_images, sample_queries
 from .checkpoint import read_checkpoint
 from .checksums import bundle_checksums
 from .graph import convert_graph, deployed_graph, model_input_size, pre_processing_transform
@@ -54,6 +54,7 @@ from .metadata import GRAPH_FILE, MEMORY_BANK_FILE, METADATA_FILE, BundleMetadat
 from .options import INDEX_TYPES, PRECISIONS, IndexType, Precision
 from .parity import compare_with_model
 from .quantization import DeployedMemoryBank, quantize_graph, recomputed_memory_bank, require_nncf
+from .search import flat_index
 from .search_export import export_approximate_index, export_bound
 
 logger = logging.getLogger(__name__)
@@ -88,12 +89,15 @@ def export_bundle(
             inference, re-ranked against the exact rows: ``hnsw`` (HNSW over 8-bit codes), ``ivf``
             (inverted lists of 8-bit codes) or ``pca`` (a scan of the rows projected on their
             principal axes). The bundle keeps the exact index either way.
-        calibration_images: Folder of images (searched recursively) for INT8 calibration, recall
-            measurement and the parity check; normal training images are the right choice.
+        calibration_images: Folder of images (searched recursively) for INT8 calibration and the
+            parity check (and the search measurements without ``validation_images``); normal training
+            images are the right choice.
         datamodule: Where to take those images from instead: its normal training images.
         max_calibration_images: Upper limit on the calibration images read.
-        validation_images: For ``int8-acq``: a folder whose ``good`` subfolder holds normal images and
-            whose other subfolders hold defective ones (anomalib's ``test`` layout).
+        validation_images: A folder whose ``good`` subfolder holds normal images and whose other
+            subfolders hold defective ones (anomalib's ``test`` layout): what ``int8-acq`` controls the
+            accuracy on, and, for any precision, the images whose patches the search's recall and the
+            bound's speed are measured on (the memory bank's own images flatter an approximate index).
         max_drop: For ``int8-acq``: the largest loss of validation image AUROC (0 .. 1) allowed.
         recompute_memory_bank: For INT8: recompute the memory bank with the quantised graph (off: ship
             the float model's bank, the control that shows what the recomputation is worth).
@@ -154,12 +158,11 @@ def export_bundle(
             memory_bank = recomputed_memory_bank(torch_model, ov.Core().compile_model(ov_model, "CPU"), model_inputs)
     ov.save_model(ov_model, directory / GRAPH_FILE, compress_to_fp16=precision == "fp16")
 
-    exact_index = faiss.IndexFlatL2(memory_bank.rows.shape[1])
-    exact_index.add(memory_bank.rows)
+    exact_index = flat_index(memory_bank.rows)
     faiss.write_index(exact_index, str(directory / MEMORY_BANK_FILE))
-    patches = query_patches(torch_model, model_inputs)
-    exact_search = export_bound(exact_index, patches, directory)
-    approximate_search = None if index == "flat" else export_approximate_index(exact_index, index, patches, directory)
+    sample = sample_queries(torch_model, model_inputs, validation)
+    exact_search = export_bound(exact_index, sample, directory)
+    approximate_search = None if index == "flat" else export_approximate_index(exact_index, index, sample, directory)
 
     provenance = {
         "backbone": torch_model.backbone,

@@ -6,6 +6,7 @@ the model's input size as they are read.
 """
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ from .quantization import DEFECTIVE_LABEL, NORMAL_LABEL, ValidationImages
 
 # Patch rows used to measure recall and how often the bound settles a query.
 MAX_QUERY_PATCHES = 4096
+VALIDATION_SOURCE = "validation image patches"
 
 
 def read_calibration_images(
@@ -89,11 +91,36 @@ def read_validation_images(
     return ValidationImages(transform(images), torch.tensor(labels))
 
 
+@dataclass(frozen=True)
+class SampleQueries:
+    """Patch rows on which an export measures its search (the bound's speed, an index's recall).
+
+    Attributes:
+        rows: Up to ``MAX_QUERY_PATCHES`` patch rows ``(N, D)``, a fixed random choice.
+        source: Which images they came from, as the bundle's metadata records it.
+    """
+
+    rows: np.ndarray
+    source: str
+
+
 @torch.no_grad()
-def query_patches(model: AnomalousPatchCoreModel, model_inputs: torch.Tensor | None) -> np.ndarray | None:
-    """Up to ``MAX_QUERY_PATCHES`` patch rows of the calibration images (a fixed random choice)."""
-    if model_inputs is None:
+def sample_queries(
+    model: AnomalousPatchCoreModel, calibration_inputs: torch.Tensor | None, validation: ValidationImages | None,
+) -> SampleQueries | None:
+    """Patches of the validation images if given, else of the calibration images, else ``None``.
+
+    Validation images come first: the memory bank was not drawn from them and their defects lie far
+    from it, as the patches a deployed model meets do. Calibration images are the memory bank's own
+    images, so their patches lie next to (often in) it, and an approximate index looks better on
+    them than on test images.
+    """
+    if validation is not None:
+        model_inputs, source = validation.model_inputs, VALIDATION_SOURCE
+    elif calibration_inputs is not None:
+        model_inputs, source = calibration_inputs, "calibration image patches (the memory bank's own images)"
+    else:
         return None
     rows = torch.cat([model.patch_embeddings(batch) for batch in model_inputs.split(8)]).numpy()
     choice = np.random.default_rng(0).permutation(len(rows))[:MAX_QUERY_PATCHES]
-    return np.ascontiguousarray(rows[np.sort(choice)], dtype=np.float32)
+    return SampleQueries(np.ascontiguousarray(rows[np.sort(choice)], dtype=np.float32), source)

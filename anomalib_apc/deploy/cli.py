@@ -23,10 +23,11 @@ def add_export_bundle_arguments(parser: argparse.ArgumentParser) -> None:
                         help="flat: exact search only; hnsw/ivf/pca: also a compact approximate index re-ranked "
                              "against the exact rows, used by default")
     parser.add_argument("--calibration-images", type=Path,
-                        help="folder of (normal) images for INT8 calibration, recall measurement and the parity check")
+                        help="folder of (normal) images for INT8 calibration and the parity check")
     parser.add_argument("--max-calibration-images", type=int, default=300, help="read at most this many (default 300)")
     parser.add_argument("--validation-images", type=Path,
-                        help="for int8-acq: folder with good/ (normal) and defect subfolders, as an MVTec test folder")
+                        help="folder with good/ (normal) and defect subfolders, as an MVTec test folder: int8-acq's "
+                             "accuracy control, and the images the search's recall is measured on")
     parser.add_argument("--max-drop", type=float, default=0.005,
                         help="for int8-acq: largest loss of validation image AUROC, 0..1 (default 0.005)")
     parser.add_argument("--keep-float-memory-bank", action="store_true",

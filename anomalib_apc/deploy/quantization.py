@@ -24,7 +24,6 @@ import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-import faiss
 import numpy as np
 import openvino as ov
 import torch
@@ -35,7 +34,7 @@ from anomalib_apc.errors import InvalidInputError
 from anomalib_apc.models import AnomalousPatchCoreModel
 
 from .options import Precision
-from .search import BruteForceSearch
+from .search import BruteForceSearch, flat_index
 
 logger = logging.getLogger(__name__)
 
@@ -210,6 +209,4 @@ def _copy_to_duplicates(
 
 
 def _exact_search(rows: np.ndarray) -> BruteForceSearch:
-    index = faiss.IndexFlatL2(rows.shape[1])
-    index.add(rows)
-    return BruteForceSearch(index)  # holds the index
+    return BruteForceSearch(flat_index(rows))  # holds the index

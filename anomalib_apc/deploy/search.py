@@ -46,6 +46,13 @@ class NearestNeighbourSearch(Protocol):
     def nearest(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
 
 
+def flat_index(rows: np.ndarray) -> faiss.IndexFlatL2:
+    """An exact L2 index holding ``rows`` (faiss copies them)."""
+    index = faiss.IndexFlatL2(rows.shape[1])
+    index.add(np.ascontiguousarray(rows, dtype=np.float32))
+    return index
+
+
 def flat_vectors(index: faiss.IndexFlat) -> np.ndarray:
     """The rows stored in a flat index as a view, so the memory bank is not held twice.
 
@@ -177,8 +184,7 @@ class BoundedExactSearch:
         self.projection = projection
         self.candidates = min(candidates, memory_bank.ntotal)
         bank_bounds = projection.bound_vectors(self.vectors)
-        self.bound_index = faiss.IndexFlatL2(bank_bounds.shape[1])
-        self.bound_index.add(bank_bounds)
+        self.bound_index = flat_index(bank_bounds)
         self.largest_bank_norm = float(np.square(bank_bounds).sum(axis=1).max())
         self.settled_fraction = 1.0  # of the last call's queries, for logs and benchmarks
 

@@ -2,13 +2,15 @@
 
 Whether exact search uses the lower bound is decided by timing it against brute force on sample
 queries, and an approximate index is shipped with its recall against exact search; both are
-measured here, at export, on patches of calibration images when given, else on memory-bank rows
-held out as queries. What runs at inference is ``anomalib_apc.deploy.search``.
+measured here, at export, on patches of validation images when given, else of calibration images
+(optimistic: the memory bank's own images), else on memory-bank rows held out as queries. What runs
+at inference is ``anomalib_apc.deploy.search``.
 """
 
 import logging
 import math
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from tqdm import tqdm
 
 from anomalib_apc.errors import InvalidInputError
 
+from .calibration import VALIDATION_SOURCE, SampleQueries
 from .metadata import APPROXIMATE_INDEX_FILE, BOUND_PROJECTION_FILE
 from .options import APPROXIMATE_INDEX_TYPES, ApproximateIndexType
 from .search import (
@@ -27,6 +30,7 @@ from .search import (
     BruteForceSearch,
     NearestNeighbourSearch,
     apply_search_parameters,
+    flat_index,
     flat_vectors,
 )
 
@@ -39,6 +43,11 @@ logger = logging.getLogger(__name__)
 # about as much as 150 dimensions of dot products).
 BOUND_DIM_FRACTION = 6
 BOUND_CANDIDATES = 16
+
+# Nearest distances below this fraction of the median are taken for duplicates of a memory-bank row.
+DUPLICATE_DISTANCE_FRACTION = 1e-3
+# Found distances within this fraction of the exact one are ties (float rounding between equal rows).
+TIE_TOLERANCE = 1e-4
 
 
 @dataclass(frozen=True)
@@ -118,7 +127,7 @@ def approximate_index_recipe(index_type: ApproximateIndexType, size: int, dim: i
     Each recipe stores the rows compactly and proposes candidates that are re-ranked against the
     exact rows, so a miss costs a slightly larger distance, never a wrong one:
 
-    - HNSW: 32 links per node over 8-bit scalar-quantised rows (a quarter of the bytes), search beam 64.
+    - HNSW: 32 links per node over 8-bit scalar-quantised rows (a quarter of the bytes), search beam 128.
     - IVF: about ``sqrt(size)`` inverted lists (at least 39 training rows each, as faiss asks) of 8-bit
       rows, an eighth of them probed.
     - PCA: the rows projected on their ``dim / 12`` principal axes (128 of ResNet-50's 1,536), scanned
@@ -131,7 +140,7 @@ def approximate_index_recipe(index_type: ApproximateIndexType, size: int, dim: i
     (no BLAS). Product quantisation is left out: on that bank it took minutes to train on two cores.
     """
     if index_type == "hnsw":
-        return ApproximateIndexRecipe(index_type, "HNSW32,SQ8", "efSearch=64", candidates=16)
+        return ApproximateIndexRecipe(index_type, "HNSW32,SQ8", "efSearch=128", candidates=16)
     if index_type == "ivf":
         lists = max(1, min(round(math.sqrt(size)), size // 39))
         return ApproximateIndexRecipe(index_type, f"IVF{lists},SQ8", f"nprobe={max(1, lists // 8)}", candidates=16)
@@ -155,11 +164,13 @@ class RecallReport:
     """How an approximate search compares with exact search on the same queries.
 
     Attributes:
-        recall_at_1: Fraction of queries for which it finds the exact nearest row.
+        recall_at_1: Fraction of queries for which it finds the exact nearest row, or another row
+            as near (within ``TIE_TOLERANCE``: equal rows, which flat backgrounds put in a memory bank).
         mean_relative_distance_error: ``mean found distance / mean exact distance - 1`` (0 when
             exact), what misses cost the patch scores on average.
         max_relative_distance_error: The largest ``found distance / exact distance - 1`` of a single
-            query: the most a miss changes one patch score.
+            query: the most a miss changes one patch score (queries that duplicate a memory-bank row,
+            closer to it than ``DUPLICATE_DISTANCE_FRACTION`` of the median distance, left out).
         queries: Number of query rows.
         query_source: Where the queries came from.
     """
@@ -174,27 +185,39 @@ class RecallReport:
 def measure_recall(
     approximate: NearestNeighbourSearch,
     exact: NearestNeighbourSearch,
-    queries: np.ndarray,
+    query_chunks: Iterable[np.ndarray],
     query_source: str,
-    chunk_size: int = 1024,
 ) -> RecallReport:
-    """Recall at 1 of ``approximate`` against ``exact`` on ``queries``, with a progress bar."""
-    hits = 0
+    """Recall at 1 of ``approximate`` against ``exact`` on chunks of query rows, with a progress bar.
+
+    Chunks, so that callers can stream the patches of many images through without holding them all.
+    """
+    queries = hits = 0
     found_total = exact_total = largest_error = 0.0
-    for start in tqdm(range(0, len(queries), chunk_size), desc="Measuring recall against exact search", unit="chunk"):
-        chunk = np.ascontiguousarray(queries[start:start + chunk_size], dtype=np.float32)
+    for chunk in tqdm(query_chunks, desc="Measuring recall against exact search", unit="chunk"):
+        chunk = np.ascontiguousarray(chunk, dtype=np.float32)
         exact_distances, exact_ids = exact.nearest(chunk)
         approximate_distances, approximate_ids = approximate.nearest(chunk)
-        hits += int((approximate_ids == exact_ids).sum())
-        found, nearest = np.sqrt(approximate_distances), np.sqrt(exact_distances)
+        queries += len(chunk)
+        found, nearest = np.sqrt(approximate_distances.clip(min=0)), np.sqrt(exact_distances.clip(min=0))
+        # Patches of flat background repeat in the memory bank: another copy of the nearest row is as near.
+        tied = found <= nearest + TIE_TOLERANCE * np.maximum(nearest, np.median(nearest))
+        hits += int(((approximate_ids == exact_ids) | tied).sum())
         found_total += float(found.sum())
         exact_total += float(nearest.sum())
-        # a query whose exact distance is 0 (a memory-bank row itself) has no relative error to measure
-        positive = nearest > 0
-        if positive.any():
-            largest_error = max(largest_error, float((found[positive] / nearest[positive] - 1.0).max()))
+        # A query at float-rounding distance from its nearest row is that row (patches of flat background
+        # repeat): its relative error is a ratio of rounding noise, and its miss already counts against recall.
+        measurable = nearest > DUPLICATE_DISTANCE_FRACTION * np.median(nearest)
+        if measurable.any():
+            largest_error = max(largest_error, float((found[measurable] / nearest[measurable] - 1.0).max()))
     relative_error = found_total / exact_total - 1.0 if exact_total > 0 else 0.0
-    return RecallReport(hits / max(len(queries), 1), relative_error, largest_error, len(queries), query_source)
+    return RecallReport(hits / max(queries, 1), relative_error, largest_error, queries, query_source)
+
+
+def row_chunks(rows: np.ndarray, chunk_size: int = 1024) -> Iterator[np.ndarray]:
+    """``rows`` in chunks of ``chunk_size``, for ``measure_recall``."""
+    for start in range(0, len(rows), chunk_size):
+        yield rows[start:start + chunk_size]
 
 
 def held_out_recall(vectors: np.ndarray, recipe: ApproximateIndexRecipe) -> RecallReport:
@@ -204,23 +227,21 @@ def held_out_recall(vectors: np.ndarray, recipe: ApproximateIndexRecipe) -> Reca
     itself (see ``held_out_split``).
     """
     queries, rest = held_out_split(vectors)
-    exact_index = faiss.IndexFlatL2(vectors.shape[1])
-    exact_index.add(rest)
+    exact_index = flat_index(rest)
     approximate = ApproximateSearch(build_approximate_index(rest, recipe), exact_index, recipe.candidates)
     source = f"{len(queries)} memory-bank rows held out of an index built on the other {len(rest)}"
-    return measure_recall(approximate, BruteForceSearch(exact_index), queries, source)
+    return measure_recall(approximate, BruteForceSearch(exact_index), row_chunks(queries), source)
 
 
-def export_bound(exact_index: faiss.IndexFlatL2, query_patches: np.ndarray | None, directory: Path) -> dict | None:
+def export_bound(exact_index: faiss.IndexFlatL2, sample: SampleQueries | None, directory: Path) -> dict | None:
     """Save the exact-search bound if it beats brute force on sample queries; its metadata, or ``None``."""
     vectors = flat_vectors(exact_index)
     projection = BoundProjection.fit(vectors, max(1, vectors.shape[1] // BOUND_DIM_FRACTION))
-    if query_patches is not None:
-        index, queries, source = exact_index, query_patches, "calibration image patches"
+    if sample is not None:
+        index, queries, source = exact_index, sample.rows, sample.source
     else:
         queries, rest = held_out_split(vectors)
-        index = faiss.IndexFlatL2(vectors.shape[1])
-        index.add(rest)
+        index = flat_index(rest)
         source = f"{len(queries)} memory-bank rows held out of the other {len(rest)}"
     measurement = measure_bound(index, projection, queries, source, BOUND_CANDIDATES)
     if measurement.speedup <= 1:
@@ -244,7 +265,7 @@ def export_bound(exact_index: faiss.IndexFlatL2, query_patches: np.ndarray | Non
 def export_approximate_index(
     exact_index: faiss.IndexFlatL2,
     index_type: ApproximateIndexType,
-    query_patches: np.ndarray | None,
+    sample: SampleQueries | None,
     directory: Path,
 ) -> dict:
     """Build and save an approximate index, measure its recall against exact search; its metadata."""
@@ -253,18 +274,20 @@ def export_approximate_index(
     logger.info("Building the %s index %s over %d rows.", index_type, recipe.factory, len(vectors))
     index = build_approximate_index(vectors, recipe)
     faiss.write_index(index, str(directory / APPROXIMATE_INDEX_FILE))
-    if query_patches is not None:
+    if sample is not None:
         approximate = ApproximateSearch(index, exact_index, recipe.candidates)
-        report = measure_recall(approximate, BruteForceSearch(exact_index), query_patches, "calibration image patches")
+        report = measure_recall(approximate, BruteForceSearch(exact_index), row_chunks(sample.rows), sample.source)
     else:
         report = held_out_recall(vectors, recipe)
     # Misses change scores, so they are worth a warning; a perfect recall is just information.
+    advice = "" if sample is None or sample.source == VALIDATION_SOURCE else (
+        "; the memory bank's own images flatter an index: pass --validation-images to measure it on others")
     logger.log(
         logging.WARNING if report.recall_at_1 < 1 else logging.INFO,
         "%s index: recall@1 %.4f against exact search, nearest distances %.2e larger on average and %.2e at most "
-        "(%d queries: %s).",
+        "(%d queries: %s)%s.",
         index_type, report.recall_at_1, report.mean_relative_distance_error, report.max_relative_distance_error,
-        report.queries, report.query_source,
+        report.queries, report.query_source, advice,
     )
     return {
         "file": APPROXIMATE_INDEX_FILE,
