@@ -15,6 +15,7 @@ anomaly map, normalisation and labels.
   whose defect probability weights the map, and the bundle's graph a second output; ``bundle without
   fusion`` is the same model exported without it (a graph that stops at the deepest memory-bank
   stage), which gives the cost of the fusion.
+- with ``--compact-index``: ``bundle + <index>``, the FP32 bundle with a compact approximate index.
 - with ``--int8``: ``anomalib openvino int8`` (anomalib's export with nncf post-training quantisation,
   ``CompressionType.INT8_PTQ``, calibrated on the datamodule's validation images as anomalib does),
   ``bundle int8`` (nncf calibrated on the normal training images, memory bank recomputed by the
@@ -50,7 +51,7 @@ import os
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import NamedTuple
@@ -73,6 +74,7 @@ from anomalib_apc.deploy import ApcInferencer, compare_with_model, export_bundle
 from anomalib_apc.deploy.images import list_image_files, read_image_file
 from anomalib_apc.deploy.options import APPROXIMATE_INDEX_TYPES
 from anomalib_apc.deploy.search import BoundedExactSearch
+from anomalib_apc.deploy.search_export import measure_recall
 from anomalib_apc.models import AnomalousPatchCore
 
 logger = logging.getLogger("deploy_benchmark")
@@ -99,8 +101,8 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--work-dir", type=Path, help="where exports go (default: a temporary folder)")
     parser.add_argument("--int8", action="store_true", help="add the INT8 contestants (needs nncf)")
     parser.add_argument("--int8-acq", action="store_true", help="add the accuracy-controlled INT8 bundle")
-    parser.add_argument("--compact-index", choices=APPROXIMATE_INDEX_TYPES, nargs="+", default=["hnsw"],
-                        help="compact indexes, one 'bundle int8 + index' contestant each (default hnsw)")
+    parser.add_argument("--compact-index", choices=APPROXIMATE_INDEX_TYPES, nargs="+", default=[],
+                        help="compact indexes: a 'bundle + index' contestant each, 'bundle int8 + index' with --int8")
     parser.add_argument("--calibration-images", type=int, default=300,
                         help="normal training images INT8 calibration reads at most (default 300)")
     parser.add_argument("--accuracy", action="store_true",
@@ -165,12 +167,18 @@ def run(args: argparse.Namespace, work_dir: Path) -> dict:
         plain = export_bundle(model, work_dir / "bundle_without_fusion")
         model.model.segmentation_fusion = args.segmentation_fusion
         contestants["bundle without fusion"] = bundle_contestant(ApcInferencer(plain, num_threads=args.threads))
-    for name, options in int8_bundles(args):
+    compact: dict[str, ApcInferencer] = {}  # the contestants with an approximate index
+    for name, options in compact_bundles(args) + int8_bundles(args):
         started = time.perf_counter()
         path = export_bundle(model, work_dir / name.replace(" ", "_"), **options)
-        logger.info("%s export: %.1f s; memory bank from the %s.", name, time.perf_counter() - started,
-                    read_metadata(path).provenance["memory_bank"]["source"])
-        contestants[name] = bundle_contestant(ApcInferencer(path, num_threads=args.threads))
+        metadata = read_metadata(path)
+        logger.info("%s export: %.1f s; memory bank from the %s; index measured at export: %s.", name,
+                    time.perf_counter() - started, metadata.provenance["memory_bank"]["source"],
+                    metadata.approximate_search)
+        contestant_inferencer = ApcInferencer(path, num_threads=args.threads)
+        contestants[name] = bundle_contestant(contestant_inferencer)
+        if "index" in options:
+            compact[name] = contestant_inferencer
 
     fusion = f", segmentation fusion {args.segmentation_fusion}" if args.segmentation_fusion else ""
     print(f"\n{args.backbone}{fusion}, {args.image_size} px, memory bank {model.model.memory_bank.shape[0]} x "
@@ -186,7 +194,12 @@ def run(args: argparse.Namespace, work_dir: Path) -> dict:
     report = compare_with_model(inferencer, model, test_images)
     print(f"Parity, bundle (FP32, exact) against torch: {report.summary()}; "
           f"normalised scores within {report.max_normalized_score_difference:.2e}.")
-    accuracy = measure_accuracy(contestants, args) if args.accuracy else None
+    accuracy = search = None
+    if args.accuracy:
+        test_set = load_test_set(args)
+        accuracy = measure_accuracy(contestants, test_set, args)
+        search = {name: search_fidelity(inferencer, test_set.images) for name, inferencer in compact.items()}
+        print_search_fidelity(search)
     return {
         "ms_per_image": {str(batch_size): row for batch_size, row in table.items()},
         "speed_up_vs_torch": {
@@ -196,7 +209,18 @@ def run(args: argparse.Namespace, work_dir: Path) -> dict:
         "bundle_batch_1_ms": breakdown,
         "parity": asdict(report),
         "accuracy": accuracy,
+        "search_against_exact": search,
     }
+
+
+def compact_bundles(args: argparse.Namespace) -> list[tuple[str, dict]]:
+    """The FP32 bundles with a compact index: names and ``export_bundle`` options."""
+    return [(f"bundle + {index}", {"index": index, **index_measurement(args)}) for index in args.compact_index]
+
+
+def index_measurement(args: argparse.Namespace) -> dict:
+    """Have the export measure a compact index on the category's test images (not the memory bank's own)."""
+    return {"validation_images": args.category_dir / "test"} if args.category_dir else {}
 
 
 def int8_bundles(args: argparse.Namespace) -> list[tuple[str, dict]]:
@@ -208,7 +232,8 @@ def int8_bundles(args: argparse.Namespace) -> list[tuple[str, dict]]:
     if args.int8:
         bundles += [("bundle int8", {"precision": "int8", **calibration}),
                     ("bundle int8, float bank", {"precision": "int8", "recompute_memory_bank": False, **calibration})]
-        bundles += [(f"bundle int8 + {index}", {"precision": "int8", "index": index, **calibration})
+        bundles += [(f"bundle int8 + {index}", {"precision": "int8", "index": index, **calibration,
+                                                **index_measurement(args)})
                     for index in args.compact_index]
     if args.int8_acq:
         bundles.append(("bundle int8-acq", {"precision": "int8-acq", "validation_images": args.category_dir / "test",
@@ -322,10 +347,15 @@ def anomalib_openvino(
     return predict
 
 
-def measure_accuracy(
-    contestants: dict[str, Contestant], args: argparse.Namespace,
-) -> dict[str, dict[str, float]]:
-    """Image AUROC, pixel AUROC, AUPRO of every contestant on every test image, and label agreement with ``bundle``."""
+class TestSet(NamedTuple):
+    """Every test image of a category at the model's input size, its ground-truth mask and label."""
+
+    images: torch.Tensor
+    masks: torch.Tensor
+    labels: torch.Tensor
+
+
+def load_test_set(args: argparse.Namespace) -> TestSet:
     samples = mvtec_samples(args.category_dir, "--category-dir")
     samples = samples[samples.split == "test"]
     size = [args.image_size, args.image_size]
@@ -336,7 +366,14 @@ def measure_accuracy(
         torch.nn.functional.interpolate(read_image_file(Path(mask))[:1][None], size=size, mode="nearest")[0, 0] > 0.5
         for mask in samples.mask_path
     ])
-    labels = torch.tensor(samples.label_index.to_numpy())
+    return TestSet(images, masks, torch.tensor(samples.label_index.to_numpy()))
+
+
+def measure_accuracy(
+    contestants: dict[str, Contestant], test_set: TestSet, args: argparse.Namespace,
+) -> dict[str, dict[str, float]]:
+    """Image AUROC, pixel AUROC, AUPRO of every contestant on every test image, and label agreement with ``bundle``."""
+    images, masks, labels = test_set
     predictions = {}
     for name, contestant in contestants.items():
         if name == "bundle brute force":  # the same results as "bundle", more slowly
@@ -363,6 +400,47 @@ def measure_accuracy(
         print(f"{name:<28}{row['image_auroc']:>12.2f}{row['pixel_auroc']:>12.2f}{row['aupro']:>8.2f}"
               f"{row['labels_equal_to_fp32_bundle']:>9.1f}%")
     return results
+
+
+def search_fidelity(inferencer: ApcInferencer, images: torch.Tensor) -> dict[str, float]:
+    """A bundle's approximate search against exact search over the same bank, on every test image.
+
+    The patches are the bundle's own graph's; recall@1 and distance errors per patch (as the export
+    measures them on its sample), and the largest relative change of a raw image score: what a
+    miss does to the number a threshold decides on.
+    """
+    exact = ApcInferencer(inferencer.bundle, num_threads=inferencer.num_threads, search="exact")
+    batches = [inferencer.prepare(batch).model_inputs for batch in images.split(8)]
+
+    def patch_rows() -> Iterator[np.ndarray]:
+        for model_inputs in batches:
+            patches = inferencer.embed(model_inputs)
+            yield patches.reshape(-1, patches.shape[-1])
+
+    report = measure_recall(inferencer.search, exact.search, patch_rows(), "test image patches")
+    with torch.no_grad():
+        found = torch.cat([inferencer.score(model_inputs).pred_score for model_inputs in batches])
+        nearest = torch.cat([exact.score(model_inputs).pred_score for model_inputs in batches])
+    score_errors = (found - nearest).abs() / nearest.abs()
+    return {
+        "recall_at_1": report.recall_at_1,
+        "mean_relative_distance_error": report.mean_relative_distance_error,
+        "max_relative_distance_error": report.max_relative_distance_error,
+        "max_relative_image_score_error": float(score_errors.max()),
+        "images_with_image_score_error_over_1_percent": int((score_errors > 0.01).sum()),
+        "patches": report.queries,
+        "images": len(images),
+    }
+
+
+def print_search_fidelity(search: dict[str, dict[str, float]]) -> None:
+    print("\nApproximate search against exact search over the same memory bank, every test image:")
+    print(f"{'':<28}{'recall@1':>10}{'mean dist. err':>16}{'max dist. err':>15}{'max score err':>15}"
+          f"{'images > 1 %':>14}")
+    for name, row in search.items():
+        print(f"{name:<28}{row['recall_at_1']:>10.4f}{row['mean_relative_distance_error']:>16.2e}"
+              f"{row['max_relative_distance_error']:>15.2e}{row['max_relative_image_score_error']:>15.2e}"
+              f"{row['images_with_image_score_error_over_1_percent']:>7d} of {row['images']}")
 
 
 def time_contestants(

@@ -85,12 +85,21 @@ def test_deploy_benchmark_measures_int8_accuracy_on_every_test_image(tiny_datase
         "--json", str(tmp_path / "m"),
     )
     accuracy = _measured(tmp_path / "m")["accuracy"]
-    assert set(accuracy) == {"torch", "bundle", "bundle int8", "bundle int8, float bank", "bundle int8 + ivf"}
+    assert set(accuracy) == {"torch", "bundle", "bundle + ivf", "bundle int8", "bundle int8, float bank",
+                             "bundle int8 + ivf"}
     # the FP32 bundle reproduces the PyTorch model, so their figures agree to rounding
     for metric in ("image_auroc", "pixel_auroc", "aupro", "labels_equal_to_fp32_bundle"):
         assert accuracy["torch"][metric] == pytest.approx(accuracy["bundle"][metric], abs=0.01)
     assert accuracy["bundle"]["labels_equal_to_fp32_bundle"] == 100.0
     assert accuracy["bundle int8"]["image_auroc"] == pytest.approx(accuracy["bundle"]["image_auroc"], abs=5)
+    # the compact index against exact search on the same bank, every test patch of the bundle's own graph
+    search = _measured(tmp_path / "m")["search_against_exact"]
+    assert set(search) == {"bundle + ivf", "bundle int8 + ivf"}
+    ivf = search["bundle int8 + ivf"]
+    test_images = tiny_dataset.test_normal + tiny_dataset.per_defect_type * len(tiny_dataset.defect_types)
+    assert ivf["images"] == test_images
+    assert ivf["patches"] == test_images * (64 // 8) ** 2  # resnet18 layer2: stride 8
+    assert ivf["max_relative_image_score_error"] <= 2 * ivf["max_relative_distance_error"] + 1e-5
 
 
 def test_finetune_benchmark_compares_every_configuration_with_float32(tiny_dataset, tmp_path: Path) -> None:
