@@ -204,12 +204,15 @@ def test_compact_index_recall_size_and_scores(
     assert difference.max() <= 2 * report.max_relative_distance_error + 1e-5
 
 
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
 def test_recall_is_measured_on_validation_images_when_given(
-    model: AnomalousPatchCore, datamodule, tiny_dataset, test_images: torch.Tensor, tmp_path: Path,
+    precision: str, model: AnomalousPatchCore, datamodule, tiny_dataset, test_images: torch.Tensor, tmp_path: Path,
 ) -> None:
-    """Not on the memory bank's own images: the recorded figures are those of every validation patch."""
+    """Not on the memory bank's own images: the recorded figures are those of every validation patch, as the
+    bundle's own graph computes them (INT8 queries for an INT8 bundle)."""
     validation = tiny_dataset.category_dir / "test"
-    bundle = export_bundle(model, tmp_path / "hnsw", index="hnsw", datamodule=datamodule, validation_images=validation)
+    bundle = export_bundle(model, tmp_path / "hnsw", precision=precision, index="hnsw", datamodule=datamodule,
+                           validation_images=validation)
     metadata = read_metadata(bundle)
     search = metadata.approximate_search
     assert search["recall_query_source"] == "validation image patches"
@@ -222,6 +225,7 @@ def test_recall_is_measured_on_validation_images_when_given(
     reference = measure_recall(approximate.search, exact.search, row_chunks(queries), "validation patches")
     assert search["recall_at_1"] == pytest.approx(reference.recall_at_1, abs=2 / len(queries))
     assert search["max_relative_distance_error"] == pytest.approx(reference.max_relative_distance_error, abs=1e-3)
+    assert search["mean_exact_distance"] == pytest.approx(reference.mean_exact_distance, rel=1e-4)
 
 
 class _FixedAnswers:
@@ -243,6 +247,7 @@ def test_recall_report_by_hand() -> None:
     assert report.recall_at_1 == 3 / 5
     assert report.max_relative_distance_error == pytest.approx(5 / 3 - 1)  # distance 5 found for 3
     assert report.mean_relative_distance_error == pytest.approx((1 + 2 + 5 + 4 + 2) / (1e-6 + 2 + 3 + 4 + 2) - 1)
+    assert report.mean_exact_distance == pytest.approx((1e-6 + 2 + 3 + 4 + 2) / 5)
     assert report.queries == 5
 
 

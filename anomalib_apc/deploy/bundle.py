@@ -49,8 +49,8 @@ from .calibration import read_calibration_images, read_validation_images, sample
 from .checkpoint import read_checkpoint
 from .checksums import bundle_checksums
 from .graph import convert_graph, deployed_graph, model_input_size, pre_processing_transform
-from .inferencer import ApcInferencer
-from .metadata import GRAPH_FILE, MEMORY_BANK_FILE, METADATA_FILE, BundleMetadata
+from .inferencer import ApcInferencer, arithmetic_config, graph_input
+from .metadata import GRAPH_FILE, GRAPH_OUTPUT, MEMORY_BANK_FILE, METADATA_FILE, BundleMetadata
 from .options import INDEX_TYPES, PRECISIONS, IndexType, Precision
 from .parity import compare_with_model
 from .quantization import DeployedMemoryBank, quantize_graph, recomputed_memory_bank, require_nncf
@@ -154,13 +154,14 @@ def export_bundle(
     memory_bank = DeployedMemoryBank.of_float_model(torch_model)
     if precision.startswith("int8"):
         ov_model = quantize_graph(ov_model, precision, model_inputs, torch_model, validation, max_drop)
-        if recompute_memory_bank:
-            memory_bank = recomputed_memory_bank(torch_model, ov.Core().compile_model(ov_model, "CPU"), model_inputs)
+    deployed = ov.Core().compile_model(ov_model, "CPU", arithmetic_config(precision))  # as the inferencer runs it
+    if precision.startswith("int8") and recompute_memory_bank:
+        memory_bank = recomputed_memory_bank(torch_model, deployed, model_inputs)
     ov.save_model(ov_model, directory / GRAPH_FILE, compress_to_fp16=precision == "fp16")
 
     exact_index = flat_index(memory_bank.rows)
     faiss.write_index(exact_index, str(directory / MEMORY_BANK_FILE))
-    sample = sample_queries(torch_model, model_inputs, validation)
+    sample = sample_queries(lambda inputs: deployed(graph_input(inputs))[GRAPH_OUTPUT], model_inputs, validation)
     exact_search = export_bound(exact_index, sample, directory)
     approximate_search = None if index == "flat" else export_approximate_index(exact_index, index, sample, directory)
 

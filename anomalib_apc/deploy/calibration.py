@@ -16,7 +16,6 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from anomalib_apc.errors import InvalidInputError, MissingInputError
-from anomalib_apc.models import AnomalousPatchCoreModel
 from anomalib_apc.models.apc.normal_images import normal_training_images
 
 from .images import list_image_files, read_image_file
@@ -104,11 +103,15 @@ class SampleQueries:
     source: str
 
 
-@torch.no_grad()
 def sample_queries(
-    model: AnomalousPatchCoreModel, calibration_inputs: torch.Tensor | None, validation: ValidationImages | None,
+    embed: Callable[[torch.Tensor], np.ndarray],
+    calibration_inputs: torch.Tensor | None,
+    validation: ValidationImages | None,
 ) -> SampleQueries | None:
     """Patches of the validation images if given, else of the calibration images, else ``None``.
+
+    ``embed`` maps pre-processed images to patch rows ``(B, h, w, D)``: the deployed graph, so that
+    an INT8 bundle is measured with the queries it will search with.
 
     Validation images come first: the memory bank was not drawn from them and their defects lie far
     from it, as the patches a deployed model meets do. Calibration images are the memory bank's own
@@ -121,6 +124,7 @@ def sample_queries(
         model_inputs, source = calibration_inputs, "calibration image patches (the memory bank's own images)"
     else:
         return None
-    rows = torch.cat([model.patch_embeddings(batch) for batch in model_inputs.split(8)]).numpy()
+    patches = [embed(batch) for batch in model_inputs.split(8)]
+    rows = np.concatenate([batch_patches.reshape(-1, batch_patches.shape[-1]) for batch_patches in patches])
     choice = np.random.default_rng(0).permutation(len(rows))[:MAX_QUERY_PATCHES]
     return SampleQueries(np.ascontiguousarray(rows[np.sort(choice)], dtype=np.float32), source)

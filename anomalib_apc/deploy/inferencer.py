@@ -191,10 +191,8 @@ class ApcInferencer:
                 f"{expected_outputs}; the bundle's files do not belong together, export it again."
             )
             raise InvalidInputError(msg)
-        config: dict[str, object] = {"INFERENCE_NUM_THREADS": self.num_threads, "PERFORMANCE_HINT": "LATENCY"}
-        if self.metadata.precision != "int8":
-            # Keep float32 arithmetic where a CPU would default to bfloat16 (parity with the PyTorch model).
-            config["INFERENCE_PRECISION_HINT"] = "f32"
+        config = {"INFERENCE_NUM_THREADS": self.num_threads, "PERFORMANCE_HINT": "LATENCY",
+                  **arithmetic_config(self.metadata.precision)}
         return self.core.compile_model(model, device, config | self.ov_config)
 
     def _read_memory_bank(self) -> faiss.IndexFlatL2:
@@ -347,6 +345,12 @@ def image_batch(prepared: PreparedImages, result: InferenceBatch) -> ImageBatch:
         anomaly_map=result.anomaly_map,
         pred_mask=result.pred_mask,
     )
+
+
+def arithmetic_config(precision: str) -> dict[str, object]:
+    """OpenVINO properties that keep a float bundle in float32 arithmetic, where a CPU would default to
+    bfloat16 (parity with the PyTorch model); none for an INT8 graph."""
+    return {} if precision == "int8" else {"INFERENCE_PRECISION_HINT": "f32"}
 
 
 def graph_input(model_inputs: torch.Tensor) -> np.ndarray:

@@ -63,8 +63,8 @@ class BundleMetadata:
             "explained_variance", "candidates", "settled_fraction", "measured_speedup_vs_brute_force",
             "measured_on"}``), or ``None`` where it was no faster than brute force at export.
         approximate_search: ``{"file", "type", "factory", "search_parameters", "candidates",
-            "recall_at_1", "mean_relative_distance_error", "max_relative_distance_error", "bytes",
-            "recall_queries", "recall_query_source"}``, or ``None``.
+            "recall_at_1", "mean_relative_distance_error", "max_relative_distance_error",
+            "mean_exact_distance", "bytes", "recall_queries", "recall_query_source"}``, or ``None``.
         checksums: ``{file name: SHA-256}`` of every file but ``metadata.json``, checked at load.
         provenance: What made the bundle, driving nothing: ``backbone`` (timm name), ``layers``
             (memory-bank stages), ``versions`` (of the packages that wrote it), ``source_checkpoint``

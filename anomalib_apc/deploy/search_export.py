@@ -171,6 +171,8 @@ class RecallReport:
         max_relative_distance_error: The largest ``found distance / exact distance - 1`` of a single
             query: the most a miss changes one patch score (queries that duplicate a memory-bank row,
             closer to it than ``DUPLICATE_DISTANCE_FRACTION`` of the median distance, left out).
+        mean_exact_distance: Mean distance of a query to its exact nearest row: the scale the
+            relative errors are taken against (test patches lie further out than training ones).
         queries: Number of query rows.
         query_source: Where the queries came from.
     """
@@ -178,6 +180,7 @@ class RecallReport:
     recall_at_1: float
     mean_relative_distance_error: float
     max_relative_distance_error: float
+    mean_exact_distance: float
     queries: int
     query_source: str
 
@@ -211,7 +214,8 @@ def measure_recall(
         if measurable.any():
             largest_error = max(largest_error, float((found[measurable] / nearest[measurable] - 1.0).max()))
     relative_error = found_total / exact_total - 1.0 if exact_total > 0 else 0.0
-    return RecallReport(hits / max(queries, 1), relative_error, largest_error, queries, query_source)
+    return RecallReport(hits / max(queries, 1), relative_error, largest_error, exact_total / max(queries, 1), queries,
+                        query_source)
 
 
 def row_chunks(rows: np.ndarray, chunk_size: int = 1024) -> Iterator[np.ndarray]:
@@ -298,6 +302,7 @@ def export_approximate_index(
         "recall_at_1": report.recall_at_1,
         "mean_relative_distance_error": report.mean_relative_distance_error,
         "max_relative_distance_error": report.max_relative_distance_error,
+        "mean_exact_distance": report.mean_exact_distance,
         "bytes": (directory / APPROXIMATE_INDEX_FILE).stat().st_size,
         "recall_queries": report.queries,
         "recall_query_source": report.query_source,
