@@ -25,7 +25,9 @@ anomaly map, normalisation and labels.
 
 With ``--category-dir`` and ``--accuracy``, every contestant also scores every test image of the
 category: image AUROC, pixel AUROC and AUPRO (FPR limit 0.3) against the ground truth, and the share
-of labels equal to the FP32 bundle's (the reference: its parity with the PyTorch model is printed).
+of labels equal to the FP32 bundle's (the reference: its parity with the PyTorch model is printed),
+and every contestant with a compact index is compared with exact search over its own memory bank on
+every test image's patches: recall@1, distance errors, and how far raw image scores move.
 
 Calls are interleaved (one call of each contestant per round), so that load from other processes
 affects them alike; the table gives the median over rounds per image. The ``load`` line gives the

@@ -20,7 +20,7 @@ id of a memory-bank row and the exact squared distance to it):
   unsettled the brute-force search. Results equal brute force (up to float
   rounding between rows at the same distance); only the time depends on the data.
 - ``ApproximateSearch``: a compact approximate faiss index (HNSW, IVF, PCA) proposes candidates, whose exact
-  distances are then taken, so a miss costs a slightly larger score, never a wrong distance.
+  distances are then taken, so a miss costs a larger score, never a smaller one.
 
 This module is what the inferencer runs. Choosing, building and measuring these searches at export
 (index recipes, timing of the bound, recall) is ``anomalib_apc.deploy.search_export``.

@@ -125,7 +125,7 @@ def approximate_index_recipe(index_type: ApproximateIndexType, size: int, dim: i
     """Sensible faiss settings for a memory bank of ``size`` rows of ``dim`` features.
 
     Each recipe stores the rows compactly and proposes candidates that are re-ranked against the
-    exact rows, so a miss costs a slightly larger distance, never a wrong one:
+    exact rows, so a miss costs a larger distance, never a smaller one:
 
     - HNSW: 32 links per node over 8-bit scalar-quantised rows (a quarter of the bytes), search beam 128.
     - IVF: about ``sqrt(size)`` inverted lists (at least 39 training rows each, as faiss asks) of 8-bit
