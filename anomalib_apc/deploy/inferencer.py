@@ -348,8 +348,9 @@ def image_batch(prepared: PreparedImages, result: InferenceBatch) -> ImageBatch:
 
 
 def arithmetic_config(precision: str) -> dict[str, object]:
-    """OpenVINO properties that keep a float bundle in float32 arithmetic, where a CPU would default to
-    bfloat16 (parity with the PyTorch model); none for an INT8 graph."""
+    """OpenVINO properties that keep a graph's float layers in float32 where a CPU would default to
+    bfloat16 (parity with the PyTorch model): for every precision but ``int8``, whose few float layers
+    are left to the CPU; ``int8-acq`` keeps layers in float for accuracy, so they stay float32."""
     return {} if precision == "int8" else {"INFERENCE_PRECISION_HINT": "f32"}
 
 

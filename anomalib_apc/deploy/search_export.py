@@ -207,13 +207,14 @@ def measure_recall(
         queries += len(chunk)
         found, nearest = np.sqrt(approximate_distances.clip(min=0)), np.sqrt(exact_distances.clip(min=0))
         # Patches of flat background repeat in the memory bank: another copy of the nearest row is as near.
-        tied = found <= nearest + TIE_TOLERANCE * np.maximum(nearest, np.median(nearest))
+        typical = np.median(nearest)
+        tied = found <= nearest + TIE_TOLERANCE * np.maximum(nearest, typical)
         hits += int(((approximate_ids == exact_ids) | tied).sum())
         found_total += float(found.sum())
         exact_total += float(nearest.sum())
         # A query at float-rounding distance from its nearest row is that row (patches of flat background
         # repeat): its relative error is a ratio of rounding noise, and its miss already counts against recall.
-        measurable = nearest > DUPLICATE_DISTANCE_FRACTION * np.median(nearest)
+        measurable = nearest > DUPLICATE_DISTANCE_FRACTION * typical
         if measurable.any():
             largest_error = max(largest_error, float((found[measurable] / nearest[measurable] - 1.0).max()))
     relative_error = found_total / exact_total - 1.0 if exact_total > 0 else 0.0
