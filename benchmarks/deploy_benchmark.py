@@ -74,6 +74,8 @@ from anomalib_apc.data import make_demo_dataset
 from anomalib_apc.data.mvtecad import mvtec_samples
 from anomalib_apc.deploy import ApcInferencer, compare_with_model, export_bundle, read_metadata
 from anomalib_apc.deploy.images import list_image_files, read_image_file
+from anomalib_apc.deploy.inferencer import graph_input
+from anomalib_apc.deploy.metadata import GRAPH_OUTPUT
 from anomalib_apc.deploy.options import APPROXIMATE_INDEX_TYPES
 from anomalib_apc.deploy.search import BoundedExactSearch
 from anomalib_apc.deploy.search_export import measure_recall
@@ -412,17 +414,21 @@ def search_fidelity(inferencer: ApcInferencer, images: torch.Tensor) -> dict[str
     miss does to the number a threshold decides on.
     """
     exact = ApcInferencer(inferencer.bundle, num_threads=inferencer.num_threads, search="exact")
-    batches = [inferencer.prepare(batch).model_inputs for batch in images.split(8)]
+    approximate_scores: list[torch.Tensor] = []
+    exact_scores: list[torch.Tensor] = []
 
     def patch_rows() -> Iterator[np.ndarray]:
-        for model_inputs in batches:
-            patches = inferencer.embed(model_inputs)
+        """Each batch through the graph once: its raw image scores by both searches, then its rows for recall."""
+        for batch in images.split(8):
+            outputs = inferencer.graph(graph_input(inferencer.prepare(batch).model_inputs))
+            approximate_scores.append(inferencer.score_graph_outputs(outputs).pred_score)
+            exact_scores.append(exact.score_graph_outputs(outputs).pred_score)
+            patches = outputs[GRAPH_OUTPUT]
             yield patches.reshape(-1, patches.shape[-1])
 
-    report = measure_recall(inferencer.search, exact.search, patch_rows(), "test image patches")
     with torch.no_grad():
-        found = torch.cat([inferencer.score(model_inputs).pred_score for model_inputs in batches])
-        nearest = torch.cat([exact.score(model_inputs).pred_score for model_inputs in batches])
+        report = measure_recall(inferencer.search, exact.search, patch_rows(), "test image patches")
+    found, nearest = torch.cat(approximate_scores), torch.cat(exact_scores)
     score_errors = (found - nearest).abs() / nearest.abs()
     return {
         "recall_at_1": report.recall_at_1,
